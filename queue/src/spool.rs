@@ -1,0 +1,552 @@
+//! The queue proper: four sled trees.
+//!
+//! - `env`:   id -> envelope (JSON, small, rewritten on every state change)
+//! - `body`:  id ++ chunk number -> body bytes (written once, read at delivery)
+//! - `due`:   next-attempt time (ms, big-endian) ++ id -> (); the key order *is* the schedule, so
+//!   finding due work costs O(due), never O(queue).
+//! - `lease`: id -> (); messages handed to a runner. At open they return to `due`.
+//!
+//! Envelope and body are apart (as KumoMTA keeps meta and data spools apart) because the
+//! envelope changes on every attempt while the body never does.
+
+use crate::durable::{CHUNK, GroupCommit, Waiter, chunk_key, read_chunked};
+use crate::{Envelope, Error, Lease, Outcome, QueueId, RcptState, Result, Settled, now_ms};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The durable queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    env: sled::Tree,
+    body: sled::Tree,
+    due: sled::Tree,
+    lease: sled::Tree,
+    commit: GroupCommit,
+    depth: AtomicU64,
+}
+
+/// Sizes for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub messages: u64,
+    pub due_entries: u64,
+    pub leased: u64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.commit.stop();
+    }
+}
+
+fn due_key(at_ms: u64, id: QueueId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&at_ms.to_be_bytes());
+    k[8..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+fn split_due_key(k: &[u8]) -> Option<(u64, QueueId)> {
+    let t = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let id = u64::from_be_bytes(k.get(8..16)?.try_into().ok()?);
+    Some((t, QueueId(id)))
+}
+
+fn chunks_of(size: u64) -> u32 {
+    (size as usize).div_ceil(CHUNK).max(1) as u32
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+
+fn decode(id: QueueId, bytes: &[u8]) -> Result<Envelope> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Corrupt { id, source })
+}
+
+fn tx_get_env(t: &TransactionalTree, id: QueueId) -> TxResult<Option<Envelope>> {
+    match t.get(id.0.to_be_bytes())? {
+        None => Ok(None),
+        Some(v) => decode(id, &v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort),
+    }
+}
+
+fn tx_put_env(t: &TransactionalTree, id: QueueId, env: &Envelope) -> TxResult<()> {
+    let v = serde_json::to_vec(env).map_err(|source| {
+        ConflictableTransactionError::Abort(Error::Corrupt { id, source })
+    })?;
+    t.insert(&id.0.to_be_bytes(), v)?;
+    Ok(())
+}
+
+fn unwrap_tx<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => Error::Storage(e),
+    })
+}
+
+/// Delay before a message whose lease was interrupted by a crash is tried again: immediately the
+/// first time, then backing off, so a message that crashes the server cannot cause a hot loop.
+fn recovery_delay_ms(recoveries: u32) -> u64 {
+    if recoveries <= 1 {
+        0
+    } else {
+        (1000u64 << recoveries.min(12)).min(3_600_000)
+    }
+}
+
+impl Queue {
+    /// Opens (or creates) the queue in directory `path`, returning leases left by a crash to the
+    /// due index.
+    pub fn open(path: impl AsRef<Path>) -> Result<Queue> {
+        let path = path.as_ref();
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let commit = GroupCommit::start(db.clone(), path)?;
+        let q = Queue {
+            inner: Arc::new(Inner {
+                env: db.open_tree("env")?,
+                body: db.open_tree("body")?,
+                due: db.open_tree("due")?,
+                lease: db.open_tree("lease")?,
+                db,
+                commit,
+                depth: AtomicU64::new(0),
+            }),
+        };
+        q.recover()?;
+        let n = q.inner.env.iter().keys().count() as u64;
+        q.inner.depth.store(n, Ordering::Relaxed);
+        q.sync()?;
+        Ok(q)
+    }
+
+    fn recover(&self) -> Result<()> {
+        let i = &self.inner;
+        let now = now_ms();
+        for k in i.lease.iter().keys() {
+            let k = k?;
+            let Ok(raw) = <[u8; 8]>::try_from(&k[..]) else {
+                i.lease.remove(&k)?;
+                continue;
+            };
+            let id = QueueId(u64::from_be_bytes(raw));
+            unwrap_tx((&i.env, &i.due, &i.lease).transaction(|(env, due, lease)| {
+                lease.remove(&raw)?;
+                if let Some(mut e) = tx_get_env(env, id)? {
+                    e.recoveries += 1;
+                    e.next_attempt_ms = now + recovery_delay_ms(e.recoveries);
+                    tx_put_env(env, id, &e)?;
+                    if !e.held {
+                        due.insert(&due_key(e.next_attempt_ms, id), &[])?;
+                    }
+                }
+                Ok(())
+            }))?;
+            tracing::info!(queue_id = %id, "lease left by a crash returned to the queue");
+        }
+        Ok(())
+    }
+
+    /// A fresh, never reused id (sled's persistent id generator).
+    pub fn new_id(&self) -> Result<QueueId> {
+        Ok(QueueId(self.inner.db.generate_id()?))
+    }
+
+    /// Writes message `id` and calls `done` once it is durable. Returns an error without calling
+    /// `done` when the write itself fails. Concurrent callers share one flush (group commit).
+    pub fn enqueue_with(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        body: &[u8],
+        done: Waiter,
+    ) -> Result<()> {
+        let i = &self.inner;
+        let key = id.0.to_be_bytes();
+        let env_bytes =
+            serde_json::to_vec(envelope).map_err(|source| Error::Corrupt { id, source })?;
+        unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
+            for (n, chunk) in body.chunks(CHUNK).enumerate() {
+                bt.insert(chunk_key(&key, n as u32), chunk)?;
+            }
+            if body.is_empty() {
+                bt.insert(chunk_key(&key, 0), &[])?;
+            }
+            env.insert(&key, env_bytes.as_slice())?;
+            if !envelope.held {
+                due.insert(&due_key(envelope.next_attempt_ms, id), &[])?;
+            }
+            Ok(())
+        }))?;
+        i.depth.fetch_add(1, Ordering::Relaxed);
+        i.commit.commit(done);
+        Ok(())
+    }
+
+    /// Blocking enqueue: returns once the message is on disk.
+    pub fn enqueue(&self, id: QueueId, envelope: &Envelope, body: &[u8]) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.enqueue_with(
+            id,
+            envelope,
+            body,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(Arc::new(std::io::Error::other("flusher stopped"))))?;
+        Ok(())
+    }
+
+    /// Blocks until every write made before the call is durable.
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.inner.commit.commit_blocking()?)
+    }
+
+    /// Group-commit statistics (flushes vs. acknowledged writes).
+    pub fn flush_stats(&self) -> crate::durable::FlushStats {
+        self.inner.commit.stats()
+    }
+
+    /// Earliest time any message is due, if any.
+    pub fn next_due_ms(&self) -> Result<Option<u64>> {
+        Ok(match self.inner.due.first()? {
+            Some((k, _)) => split_due_key(&k).map(|(t, _)| t),
+            None => None,
+        })
+    }
+
+    /// Leases up to `max` messages due at or before `now_ms`. Costs O(returned).
+    pub fn take_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>> {
+        let i = &self.inner;
+        let mut out = Vec::new();
+        let mut candidates = Vec::new();
+        for kv in i.due.iter().keys() {
+            let k = kv?;
+            let Some((t, id)) = split_due_key(&k) else {
+                i.due.remove(&k)?;
+                continue;
+            };
+            if t > now_ms || candidates.len() >= max {
+                break;
+            }
+            candidates.push((k, id));
+        }
+        for (k, id) in candidates {
+            let got = unwrap_tx((&i.env, &i.due, &i.lease).transaction(|(env, due, lease)| {
+                if due.remove(&k)?.is_none() {
+                    return Ok(None); // raced with hold/delete
+                }
+                let Some(e) = tx_get_env(env, id)? else {
+                    return Ok(None);
+                };
+                lease.insert(&id.0.to_be_bytes(), &[])?;
+                Ok(Some(e))
+            }))?;
+            if let Some(envelope) = got {
+                out.push(Lease { id, envelope });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records per-recipient outcomes of a delivery attempt and ends the lease.
+    ///
+    /// Pending recipients that still remain make the message due again at `retry_at_ms`.
+    /// When none remain the message is removed and its final envelope returned.
+    pub fn settle(
+        &self,
+        id: QueueId,
+        outcomes: &[(usize, Outcome)],
+        retry_at_ms: u64,
+    ) -> Result<Settled> {
+        let i = &self.inner;
+        let key = id.0.to_be_bytes();
+        let res = unwrap_tx(
+            (&i.env, &i.body, &i.due, &i.lease).transaction(|(env, bt, due, lease)| {
+                lease.remove(&key)?;
+                let Some(mut e) = tx_get_env(env, id)? else {
+                    return Ok(Settled::Gone);
+                };
+                for (idx, outcome) in outcomes {
+                    let Some(r) = e.recipients.get_mut(*idx) else {
+                        return Err(ConflictableTransactionError::Abort(Error::BadRecipient {
+                            id,
+                            index: *idx,
+                        }));
+                    };
+                    if r.state != RcptState::Pending {
+                        continue;
+                    }
+                    r.attempts += 1;
+                    match outcome {
+                        Outcome::Delivered => {
+                            r.state = RcptState::Delivered;
+                            r.last_error = None;
+                        }
+                        Outcome::Deferred(why) => r.last_error = Some(why.clone()),
+                        Outcome::Failed(why) => {
+                            r.state = RcptState::Failed;
+                            r.last_error = Some(why.clone());
+                        }
+                    }
+                }
+                e.attempts += 1;
+                if e.pending().next().is_none() {
+                    env.remove(&key)?;
+                    for n in 0..chunks_of(e.size) {
+                        bt.remove(chunk_key(&key, n))?;
+                    }
+                    return Ok(Settled::Done(e));
+                }
+                e.next_attempt_ms = retry_at_ms;
+                tx_put_env(env, id, &e)?;
+                if !e.held {
+                    due.insert(&due_key(retry_at_ms, id), &[])?;
+                }
+                Ok(Settled::Requeued(e))
+            }),
+        )?;
+        if matches!(res, Settled::Done(_)) {
+            i.depth.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(res)
+    }
+
+    /// The message body, byte for byte as enqueued.
+    pub fn body(&self, id: QueueId) -> Result<Vec<u8>> {
+        read_chunked(&self.inner.body, &id.0.to_be_bytes())?.ok_or(Error::NotFound(id))
+    }
+
+    pub fn show(&self, id: QueueId) -> Result<Envelope> {
+        match self.inner.env.get(id.0.to_be_bytes())? {
+            Some(v) => decode(id, &v),
+            None => Err(Error::NotFound(id)),
+        }
+    }
+
+    /// Whether a runner currently holds a lease on the message.
+    pub fn is_leased(&self, id: QueueId) -> Result<bool> {
+        Ok(self.inner.lease.contains_key(id.0.to_be_bytes())?)
+    }
+
+    /// Up to `limit` messages in id (= arrival) order.
+    pub fn list(&self, limit: usize) -> Result<Vec<(QueueId, Envelope)>> {
+        let mut out = Vec::new();
+        for kv in self.inner.env.iter().take(limit) {
+            let (k, v) = kv?;
+            let Ok(raw) = <[u8; 8]>::try_from(&k[..]) else {
+                continue;
+            };
+            let id = QueueId(u64::from_be_bytes(raw));
+            out.push((id, decode(id, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Stops handing the message out until [`Queue::release`].
+    pub fn hold(&self, id: QueueId) -> Result<()> {
+        self.update(id, |e, due| {
+            if !e.held {
+                e.held = true;
+                due.remove(&due_key(e.next_attempt_ms, id))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Releases a held message (or makes a deferred one due) right now.
+    pub fn release(&self, id: QueueId) -> Result<()> {
+        self.retry_now(id, true)
+    }
+
+    /// Makes a waiting message due now (`queue flush`). Held messages stay held.
+    pub fn retry_now(&self, id: QueueId, unhold: bool) -> Result<()> {
+        let leased = self.is_leased(id)?;
+        self.update(id, |e, due| {
+            if e.held && !unhold {
+                return Ok(());
+            }
+            if !e.held {
+                due.remove(&due_key(e.next_attempt_ms, id))?;
+            }
+            e.held = false;
+            e.next_attempt_ms = now_ms();
+            if !leased {
+                due.insert(&due_key(e.next_attempt_ms, id), &[])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes a message and its body. A runner holding its lease gets [`Settled::Gone`].
+    pub fn delete(&self, id: QueueId) -> Result<Envelope> {
+        let i = &self.inner;
+        let key = id.0.to_be_bytes();
+        let e = unwrap_tx(
+            (&i.env, &i.body, &i.due, &i.lease).transaction(|(env, bt, due, lease)| {
+                let Some(e) = tx_get_env(env, id)? else {
+                    return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
+                };
+                env.remove(&key)?;
+                lease.remove(&key)?;
+                due.remove(&due_key(e.next_attempt_ms, id))?;
+                for n in 0..chunks_of(e.size) {
+                    bt.remove(chunk_key(&key, n))?;
+                }
+                Ok(e)
+            }),
+        )?;
+        i.depth.fetch_sub(1, Ordering::Relaxed);
+        self.sync()?;
+        Ok(e)
+    }
+
+    fn update(
+        &self,
+        id: QueueId,
+        f: impl Fn(&mut Envelope, &TransactionalTree) -> TxResult<()>,
+    ) -> Result<()> {
+        let i = &self.inner;
+        unwrap_tx((&i.env, &i.due).transaction(|(env, due)| {
+            let Some(mut e) = tx_get_env(env, id)? else {
+                return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
+            };
+            f(&mut e, due)?;
+            tx_put_env(env, id, &e)
+        }))?;
+        self.sync()
+    }
+
+    pub fn counts(&self) -> QueueCounts {
+        QueueCounts {
+            messages: self.inner.depth.load(Ordering::Relaxed),
+            due_entries: self.inner.due.len() as u64,
+            leased: self.inner.lease.len() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Recipient;
+
+    fn env(rcpts: &[&str]) -> Envelope {
+        Envelope::new(
+            "a@example.org",
+            rcpts.iter().map(|r| Recipient::new(*r)).collect(),
+            5,
+        )
+    }
+
+    #[test]
+    fn enqueue_take_settle() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        let id = q.new_id().unwrap();
+        q.enqueue(id, &env(&["x@l", "y@l"]), b"hello").unwrap();
+        assert_eq!(q.counts().messages, 1);
+        let leases = q.take_due(now_ms() + 1, 10).unwrap();
+        assert_eq!(leases.len(), 1);
+        assert!(q.take_due(now_ms() + 1, 10).unwrap().is_empty(), "leased twice");
+        assert_eq!(q.body(id).unwrap(), b"hello");
+        let later = now_ms() + 60_000;
+        let s = q
+            .settle(
+                id,
+                &[(0, Outcome::Delivered), (1, Outcome::Deferred("4.4.1 later".into()))],
+                later,
+            )
+            .unwrap();
+        assert!(matches!(s, Settled::Requeued(_)));
+        assert!(q.take_due(now_ms(), 10).unwrap().is_empty());
+        assert_eq!(q.next_due_ms().unwrap(), Some(later));
+        let l = q.take_due(later, 10).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].envelope.pending().count(), 1);
+        let s = q.settle(id, &[(1, Outcome::Failed("5.1.1 no".into()))], 0).unwrap();
+        let Settled::Done(e) = s else { panic!("not done") };
+        assert_eq!(e.recipients[1].state, RcptState::Failed);
+        assert_eq!(q.counts().messages, 0);
+        assert!(q.body(id).is_err());
+    }
+
+    #[test]
+    fn survives_reopen_and_crash_mid_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (a, b);
+        {
+            let q = Queue::open(dir.path()).unwrap();
+            a = q.new_id().unwrap();
+            b = q.new_id().unwrap();
+            q.enqueue(a, &env(&["x@l"]), &big).unwrap();
+            q.enqueue(b, &env(&["y@l"]), b"").unwrap();
+            // Take both, as a runner would, then "crash": drop without settling.
+            assert_eq!(q.take_due(now_ms() + 1, 10).unwrap().len(), 2);
+            q.sync().unwrap();
+        }
+        let q = Queue::open(dir.path()).unwrap();
+        assert_eq!(q.counts().messages, 2);
+        assert_eq!(q.counts().leased, 0);
+        let l = q.take_due(now_ms() + 1, 10).unwrap();
+        assert_eq!(l.len(), 2, "crashed leases must come back");
+        assert_eq!(q.body(a).unwrap(), big);
+        assert_eq!(q.body(b).unwrap(), b"");
+        assert!(a < b);
+    }
+
+    #[test]
+    fn hold_release_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        let id = q.new_id().unwrap();
+        q.enqueue(id, &env(&["x@l"]), b"m").unwrap();
+        q.hold(id).unwrap();
+        assert!(q.take_due(u64::MAX, 10).unwrap().is_empty());
+        assert!(q.show(id).unwrap().held);
+        q.release(id).unwrap();
+        assert_eq!(q.take_due(now_ms() + 1, 10).unwrap().len(), 1);
+        q.delete(id).unwrap();
+        assert!(matches!(q.settle(id, &[(0, Outcome::Delivered)], 0).unwrap(), Settled::Gone));
+        assert!(matches!(q.show(id), Err(Error::NotFound(_))));
+        assert_eq!(q.counts().messages, 0);
+    }
+
+    #[test]
+    fn concurrent_enqueues_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        let before = q.flush_stats();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                let q = q.clone();
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        let id = q.new_id().unwrap();
+                        q.enqueue(id, &env(&["x@l"]), b"body").unwrap();
+                    }
+                });
+            }
+        });
+        let after = q.flush_stats();
+        assert_eq!(q.counts().messages, 400);
+        assert_eq!(after.waiters - before.waiters, 400);
+        assert!(after.flushes - before.flushes <= 400);
+    }
+}
