@@ -1,1 +1,62 @@
-fn main(){}
+//! The `postrider` binary: parses the command line and hands over to the library.
+
+use clap::Parser;
+use postrider::cli::{Cli, Cmd};
+use postrider::config::Config;
+use std::process::ExitCode;
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve) {
+        return match postrider::cli::run(cli) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("postrider: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cfg = match Config::load_or_default(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("postrider: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&cfg);
+    // One crypto provider for the whole process (ring); installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("postrider: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(postrider::server::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "fatal");
+            eprintln!("postrider: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -96,7 +96,9 @@ impl GroupCommit {
     /// covered by that flush.
     pub fn commit(&self, waiter: Waiter) {
         if let Err(mpsc::SendError(Msg::Wait(w))) = self.tx.send(Msg::Wait(waiter)) {
-            w(Err(Arc::new(std::io::Error::other("flusher thread has stopped"))));
+            w(Err(Arc::new(std::io::Error::other(
+                "flusher thread has stopped",
+            ))));
         }
     }
 
@@ -106,8 +108,11 @@ impl GroupCommit {
         self.commit(Box::new(move |r| {
             let _ = tx.send(r);
         }));
-        rx.recv()
-            .unwrap_or_else(|_| Err(Arc::new(std::io::Error::other("flusher thread has stopped"))))
+        rx.recv().unwrap_or_else(|_| {
+            Err(Arc::new(std::io::Error::other(
+                "flusher thread has stopped",
+            )))
+        })
     }
 
     /// Flushes once more, stops the thread and waits for it, so the database can be reopened.

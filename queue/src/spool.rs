@@ -80,9 +80,8 @@ fn tx_get_env(t: &TransactionalTree, id: QueueId) -> TxResult<Option<Envelope>> 
 }
 
 fn tx_put_env(t: &TransactionalTree, id: QueueId, env: &Envelope) -> TxResult<()> {
-    let v = serde_json::to_vec(env).map_err(|source| {
-        ConflictableTransactionError::Abort(Error::Corrupt { id, source })
-    })?;
+    let v = serde_json::to_vec(env)
+        .map_err(|source| ConflictableTransactionError::Abort(Error::Corrupt { id, source }))?;
     t.insert(&id.0.to_be_bytes(), v)?;
     Ok(())
 }
@@ -276,8 +275,8 @@ impl Queue {
     ) -> Result<Settled> {
         let i = &self.inner;
         let key = id.0.to_be_bytes();
-        let res = unwrap_tx(
-            (&i.env, &i.body, &i.due, &i.lease).transaction(|(env, bt, due, lease)| {
+        let res = unwrap_tx((&i.env, &i.body, &i.due, &i.lease).transaction(
+            |(env, bt, due, lease)| {
                 lease.remove(&key)?;
                 let Some(mut e) = tx_get_env(env, id)? else {
                     return Ok(Settled::Gone);
@@ -319,8 +318,8 @@ impl Queue {
                     due.insert(&due_key(retry_at_ms, id), &[])?;
                 }
                 Ok(Settled::Requeued(e))
-            }),
-        )?;
+            },
+        ))?;
         if matches!(res, Settled::Done(_)) {
             i.depth.fetch_sub(1, Ordering::Relaxed);
         }
@@ -397,8 +396,8 @@ impl Queue {
     pub fn delete(&self, id: QueueId) -> Result<Envelope> {
         let i = &self.inner;
         let key = id.0.to_be_bytes();
-        let e = unwrap_tx(
-            (&i.env, &i.body, &i.due, &i.lease).transaction(|(env, bt, due, lease)| {
+        let e = unwrap_tx((&i.env, &i.body, &i.due, &i.lease).transaction(
+            |(env, bt, due, lease)| {
                 let Some(e) = tx_get_env(env, id)? else {
                     return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
                 };
@@ -409,8 +408,8 @@ impl Queue {
                     bt.remove(chunk_key(&key, n))?;
                 }
                 Ok(e)
-            }),
-        )?;
+            },
+        ))?;
         i.depth.fetch_sub(1, Ordering::Relaxed);
         self.sync()?;
         Ok(e)
@@ -463,13 +462,19 @@ mod tests {
         assert_eq!(q.counts().messages, 1);
         let leases = q.take_due(now_ms() + 1, 10).unwrap();
         assert_eq!(leases.len(), 1);
-        assert!(q.take_due(now_ms() + 1, 10).unwrap().is_empty(), "leased twice");
+        assert!(
+            q.take_due(now_ms() + 1, 10).unwrap().is_empty(),
+            "leased twice"
+        );
         assert_eq!(q.body(id).unwrap(), b"hello");
         let later = now_ms() + 60_000;
         let s = q
             .settle(
                 id,
-                &[(0, Outcome::Delivered), (1, Outcome::Deferred("4.4.1 later".into()))],
+                &[
+                    (0, Outcome::Delivered),
+                    (1, Outcome::Deferred("4.4.1 later".into())),
+                ],
                 later,
             )
             .unwrap();
@@ -479,8 +484,12 @@ mod tests {
         let l = q.take_due(later, 10).unwrap();
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].envelope.pending().count(), 1);
-        let s = q.settle(id, &[(1, Outcome::Failed("5.1.1 no".into()))], 0).unwrap();
-        let Settled::Done(e) = s else { panic!("not done") };
+        let s = q
+            .settle(id, &[(1, Outcome::Failed("5.1.1 no".into()))], 0)
+            .unwrap();
+        let Settled::Done(e) = s else {
+            panic!("not done")
+        };
         assert_eq!(e.recipients[1].state, RcptState::Failed);
         assert_eq!(q.counts().messages, 0);
         assert!(q.body(id).is_err());
@@ -523,7 +532,10 @@ mod tests {
         q.release(id).unwrap();
         assert_eq!(q.take_due(now_ms() + 1, 10).unwrap().len(), 1);
         q.delete(id).unwrap();
-        assert!(matches!(q.settle(id, &[(0, Outcome::Delivered)], 0).unwrap(), Settled::Gone));
+        assert!(matches!(
+            q.settle(id, &[(0, Outcome::Delivered)], 0).unwrap(),
+            Settled::Gone
+        ));
         assert!(matches!(q.show(id), Err(Error::NotFound(_))));
         assert_eq!(q.counts().messages, 0);
     }

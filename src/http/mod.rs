@@ -1,0 +1,372 @@
+//! Admin HTTP: `GET /metrics` (Prometheus), `GET /healthz`, and the JSON API under `/api/` that
+//! the CLI uses (sled allows one process per database, so the CLI never opens it directly).
+//!
+//! `/metrics` and `/healthz` are open (they listen on loopback by default, and Prometheus scrapes
+//! without credentials); everything under `/api/` needs `Authorization: Bearer <token>`.
+
+use crate::metrics::METRICS;
+use crate::server::App;
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, put};
+use postrider_queue::{QueueId, RcptState};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+type AppState = Arc<App>;
+
+/// An API error: status code plus a one-line JSON `{"error": ...}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError::*;
+        let code = match &e {
+            NoAccount(_) | NoMailbox(_) | NoMessage(_) | NoAlias(_) => StatusCode::NOT_FOUND,
+            AccountExists(_) | AddressTaken(_) => StatusCode::CONFLICT,
+            BadAddress(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+impl From<postrider_queue::Error> for ApiError {
+    fn from(e: postrider_queue::Error) -> Self {
+        let code = match &e {
+            postrider_queue::Error::NotFound(_) => StatusCode::NOT_FOUND,
+            postrider_queue::Error::BadId(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+/// Runs store calls off the async threads (sled and argon2 block).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+pub fn router(app: AppState) -> Router {
+    let api = Router::new()
+        .route("/users", get(list_users).post(add_user))
+        .route("/users/{address}", delete(del_user))
+        .route("/users/{address}/password", put(set_password))
+        .route("/aliases", get(list_aliases).post(add_alias))
+        .route("/aliases/{alias}", delete(del_alias))
+        .route("/queue", get(queue_list))
+        .route("/queue/{id}", get(queue_show))
+        .route("/mailboxes/{address}", get(mailbox_list))
+        .route("/mailboxes/{address}/{uid}", get(mailbox_show))
+        .layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .nest("/api", api)
+        .with_state(app)
+}
+
+pub async fn serve(
+    app: AppState,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let r = axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|v| *v).await;
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "admin HTTP server failed");
+    }
+}
+
+/// Constant-time comparison: the token must not leak through response timing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same(t.trim().as_bytes(), app.admin_token.as_bytes()));
+    if !ok {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let c = app.queue.counts();
+    METRICS.queue_messages.set(c.messages as i64);
+    METRICS
+        .queue_entries
+        .with_label_values(&["due"])
+        .set(c.due_entries as i64);
+    METRICS
+        .queue_entries
+        .with_label_values(&["leased"])
+        .set(c.leased as i64);
+    let fs = app.queue.flush_stats();
+    let seen = METRICS.queue_flushes.get();
+    if fs.flushes > seen {
+        METRICS.queue_flushes.inc_by(fs.flushes - seen);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        METRICS.render(),
+    )
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct UserInfo {
+    pub address: String,
+    pub can_login: bool,
+    pub created_ms: u64,
+}
+
+async fn list_users(State(app): State<AppState>) -> Result<Json<Vec<UserInfo>>, ApiError> {
+    let users = blocking(move || Ok(app.store.list_users()?)).await?;
+    Ok(Json(
+        users
+            .into_iter()
+            .map(|a| UserInfo {
+                can_login: a.password_hash.is_some(),
+                address: a.address,
+                created_ms: a.created_ms,
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct NewUser {
+    pub address: String,
+    pub password: Option<String>,
+}
+
+async fn add_user(
+    State(app): State<AppState>,
+    Json(u): Json<NewUser>,
+) -> Result<impl IntoResponse, ApiError> {
+    let acc = blocking(move || Ok(app.store.add_user(&u.address, u.password.as_deref())?)).await?;
+    tracing::info!(address = %acc.address, "account created");
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "address": acc.address })),
+    ))
+}
+
+async fn del_user(
+    State(app): State<AppState>,
+    Path(address): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || Ok(app.store.del_user(&address)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct NewPassword {
+    pub password: String,
+}
+
+async fn set_password(
+    State(app): State<AppState>,
+    Path(address): Path<String>,
+    Json(p): Json<NewPassword>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || Ok(app.store.set_password(&address, &p.password)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct AliasInfo {
+    pub alias: String,
+    pub target: String,
+}
+
+async fn list_aliases(State(app): State<AppState>) -> Result<Json<Vec<AliasInfo>>, ApiError> {
+    let list = blocking(move || Ok(app.store.list_aliases()?)).await?;
+    Ok(Json(
+        list.into_iter()
+            .map(|(alias, target)| AliasInfo { alias, target })
+            .collect(),
+    ))
+}
+
+async fn add_alias(
+    State(app): State<AppState>,
+    Json(a): Json<AliasInfo>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || Ok(app.store.add_alias(&a.alias, &a.target)?)).await?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn del_alias(
+    State(app): State<AppState>,
+    Path(alias): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || Ok(app.store.del_alias(&alias)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct RcptInfo {
+    pub address: String,
+    pub state: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct QueueEntry {
+    pub id: String,
+    pub sender: String,
+    pub size: u64,
+    pub arrival_ms: u64,
+    pub next_attempt_ms: u64,
+    pub attempts: u32,
+    pub held: bool,
+    pub leased: bool,
+    pub recipients: Vec<RcptInfo>,
+    pub info: std::collections::BTreeMap<String, String>,
+}
+
+fn entry(app: &App, id: QueueId, e: postrider_queue::Envelope) -> QueueEntry {
+    QueueEntry {
+        id: id.to_string(),
+        sender: e.sender,
+        size: e.size,
+        arrival_ms: e.arrival_ms,
+        next_attempt_ms: e.next_attempt_ms,
+        attempts: e.attempts,
+        held: e.held,
+        leased: app.queue.is_leased(id).unwrap_or(false),
+        recipients: e
+            .recipients
+            .into_iter()
+            .map(|r| RcptInfo {
+                address: r.address,
+                state: match r.state {
+                    RcptState::Pending if r.last_error.is_some() => "deferred",
+                    RcptState::Pending => "pending",
+                    RcptState::Delivered => "delivered",
+                    RcptState::Failed => "failed",
+                }
+                .into(),
+                attempts: r.attempts,
+                last_error: r.last_error,
+            })
+            .collect(),
+        info: e.info,
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+}
+
+async fn queue_list(
+    State(app): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<QueueEntry>>, ApiError> {
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let a = app.clone();
+    let list = blocking(move || Ok(a.queue.list(limit)?)).await?;
+    Ok(Json(
+        list.into_iter().map(|(id, e)| entry(&app, id, e)).collect(),
+    ))
+}
+
+async fn queue_show(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<QueueEntry>, ApiError> {
+    let id: QueueId = id.parse()?;
+    let e = app.queue.show(id)?;
+    Ok(Json(entry(&app, id, e)))
+}
+
+#[derive(Deserialize)]
+pub struct MailboxQuery {
+    pub mailbox: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct MessageInfo {
+    pub uid: u32,
+    pub size: u64,
+    /// RFC 3339.
+    pub internal_date: String,
+    pub flags: Vec<String>,
+    pub subject: Option<String>,
+}
+
+async fn mailbox_list(
+    State(app): State<AppState>,
+    Path(address): Path<String>,
+    Query(q): Query<MailboxQuery>,
+) -> Result<Json<Vec<MessageInfo>>, ApiError> {
+    let mailbox = q.mailbox.unwrap_or_else(|| "INBOX".into());
+    let out = blocking(move || {
+        let account = crate::store::normalize(&address)?;
+        let metas = app.store.list_messages(&account, &mailbox)?;
+        let mut out = Vec::with_capacity(metas.len());
+        for m in metas {
+            let raw = app.store.message_raw(&account, &mailbox, m.uid)?;
+            let subject = mail_parser::MessageParser::default()
+                .parse_headers(&raw[..])
+                .and_then(|p| p.subject().map(str::to_string));
+            let date = chrono::DateTime::from_timestamp_millis(m.internal_date_ms as i64)
+                .map(|d| d.to_rfc3339())
+                .unwrap_or_default();
+            out.push(MessageInfo {
+                uid: m.uid,
+                size: m.size,
+                internal_date: date,
+                flags: m.flags,
+                subject,
+            });
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+async fn mailbox_show(
+    State(app): State<AppState>,
+    Path((address, uid)): Path<(String, u32)>,
+    Query(q): Query<MailboxQuery>,
+) -> Result<Response, ApiError> {
+    let mailbox = q.mailbox.unwrap_or_else(|| "INBOX".into());
+    let raw = blocking(move || {
+        let account = crate::store::normalize(&address)?;
+        Ok(app.store.message_raw(&account, &mailbox, uid)?)
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, "message/rfc822")], raw).into_response())
+}

@@ -1,0 +1,157 @@
+//! Every Prometheus metric postrider exports, in one place (as mox does), with its labels.
+//!
+//! Names follow Prometheus conventions: `_total` for counters, base units (seconds, bytes).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::sync::LazyLock;
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// SMTP connections accepted, by listener name.
+    pub smtp_connections: IntCounterVec,
+    /// SMTP sessions currently open, by listener name.
+    pub smtp_sessions_active: IntGaugeVec,
+    /// Connections refused before the greeting, by reason (`max_connections`, `per_ip`).
+    pub smtp_connections_refused: IntCounterVec,
+    /// Messages accepted (250 after DATA/BDAT), by listener name.
+    pub messages_accepted: IntCounterVec,
+    /// Messages or recipients refused, by reason (`unknown_user`, `relay_denied`, `too_big`,
+    /// `bare_line_ending`, `line_too_long`, `too_many_hops`, `storage`, `auth_required`).
+    pub messages_rejected: IntCounterVec,
+    /// AUTH attempts by result (`success`, `failure`).
+    pub auth_attempts: IntCounterVec,
+    /// Seconds from end of data to the durable enqueue (the group-commit wait).
+    pub enqueue_seconds: Histogram,
+    /// Messages in the queue (set at scrape time).
+    pub queue_messages: IntGauge,
+    /// Queue entries by state (`due`, `leased`), set at scrape time.
+    pub queue_entries: IntGaugeVec,
+    /// Local deliveries by result (`delivered`, `deferred`, `failed`, `duplicate`).
+    pub local_deliveries: IntCounterVec,
+    /// Flushes performed by the queue's group commit.
+    pub queue_flushes: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        // Definitions are static; `expect` here can only fire on a programming error, which
+        // the metrics unit test catches.
+        let r = Registry::new();
+        let enqueue_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "postrider_enqueue_seconds",
+                "Time from end of data to durable enqueue",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(enqueue_seconds.clone()))
+            .expect("registered once");
+        let queue_messages =
+            IntGauge::new("postrider_queue_messages", "Messages in the queue").expect("valid");
+        r.register(Box::new(queue_messages.clone()))
+            .expect("registered once");
+        let queue_flushes = IntCounter::new(
+            "postrider_queue_flushes_total",
+            "Group-commit flushes (fsync rounds) of the queue",
+        )
+        .expect("valid");
+        r.register(Box::new(queue_flushes.clone()))
+            .expect("registered once");
+        Metrics {
+            smtp_connections: counter_vec(
+                &r,
+                "postrider_smtp_connections_total",
+                "SMTP connections accepted",
+                &["listener"],
+            ),
+            smtp_sessions_active: gauge_vec(
+                &r,
+                "postrider_smtp_sessions_active",
+                "SMTP sessions open",
+                &["listener"],
+            ),
+            smtp_connections_refused: counter_vec(
+                &r,
+                "postrider_smtp_connections_refused_total",
+                "SMTP connections refused at connect",
+                &["reason"],
+            ),
+            messages_accepted: counter_vec(
+                &r,
+                "postrider_messages_accepted_total",
+                "Messages accepted and queued",
+                &["listener"],
+            ),
+            messages_rejected: counter_vec(
+                &r,
+                "postrider_messages_rejected_total",
+                "Messages or recipients refused",
+                &["reason"],
+            ),
+            auth_attempts: counter_vec(
+                &r,
+                "postrider_auth_attempts_total",
+                "AUTH attempts",
+                &["result"],
+            ),
+            enqueue_seconds,
+            queue_messages,
+            queue_entries: gauge_vec(
+                &r,
+                "postrider_queue_entries",
+                "Queue index entries by state",
+                &["state"],
+            ),
+            local_deliveries: counter_vec(
+                &r,
+                "postrider_local_deliveries_total",
+                "Local mailbox deliveries",
+                &["result"],
+            ),
+            queue_flushes,
+            registry: r,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn all_metrics_register_and_render() {
+        super::METRICS
+            .messages_rejected
+            .with_label_values(&["relay_denied"])
+            .inc();
+        let text = super::METRICS.render();
+        assert!(text.contains("postrider_messages_rejected_total{reason=\"relay_denied\"}"));
+    }
+}

@@ -1,0 +1,671 @@
+//! The thin tokio layer: accepts connections, moves bytes between the socket and the pure
+//! [`Session`], and carries out its [`Action`]s (TLS, DATA/BDAT reading, AUTH checks, durable
+//! enqueue). Every read has a size limit and a timeout.
+
+use super::proto::{DataProgress, DataReader, MAX_COMMAND_LINE, Reply};
+use super::session::{Action, ClientInfo, Directory, Draft, Session, SessionConfig};
+use crate::config::{ListenerConfig, ListenerKind};
+use crate::metrics::METRICS;
+use crate::server::App;
+use postrider_queue::{Envelope, Recipient};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::Instrument;
+
+/// RFC 4954 §4: an AUTH response line may be up to 12288 octets.
+const MAX_AUTH_LINE: usize = 12288;
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A plaintext or TLS connection; STARTTLS turns the one into the other.
+enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    Gone,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Connection admission: a global cap and a per-client-IP cap.
+pub struct ConnLimits {
+    global: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_per_ip: usize,
+}
+
+/// Held for the life of a connection; frees its slots on drop.
+pub struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.limits.per_ip.lock()
+            && let Some(n) = m.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnLimits {
+    pub fn new(max: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(ConnLimits {
+            global: Arc::new(Semaphore::new(max)),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip,
+        })
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, &'static str> {
+        let permit = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "max_connections")?;
+        let mut m = self.per_ip.lock().map_err(|_| "internal")?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err("per_ip");
+        }
+        *n += 1;
+        Ok(ConnGuard {
+            _permit: permit,
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Accepts connections for one listener until shutdown.
+pub async fn serve(
+    app: Arc<App>,
+    lcfg: ListenerConfig,
+    listener: TcpListener,
+    limits: Arc<ConnLimits>,
+    mut shutdown: watch::Receiver<bool>,
+    tasks: tokio_util_tasks::Tracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning (mini-redis does the same).
+                    tracing::warn!(error = %e, listener = %lcfg.name, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let guard = match limits.admit(peer.ip()) {
+            Ok(g) => g,
+            Err(reason) => {
+                METRICS
+                    .smtp_connections_refused
+                    .with_label_values(&[reason])
+                    .inc();
+                let mut s = stream;
+                let reply = Reply::new(421, "4.7.0", "Too many connections, try again later");
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        s.write_all(&reply.to_bytes()),
+                    )
+                    .await;
+                });
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        METRICS
+            .smtp_connections
+            .with_label_values(&[&lcfg.name])
+            .inc();
+        let app = app.clone();
+        let lcfg = lcfg.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::info_span!("smtp", listener = %lcfg.name, client = %peer);
+        tasks.spawn(
+            async move {
+                let _guard = guard;
+                let active = METRICS
+                    .smtp_sessions_active
+                    .with_label_values(&[&lcfg.name]);
+                active.inc();
+                if let Err(e) = handle(app, &lcfg, stream, peer, shutdown).await {
+                    tracing::debug!(error = %e, "session ended with an I/O error");
+                }
+                active.dec();
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    lcfg: &ListenerConfig,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let client = ClientInfo {
+        addr: peer,
+        relay_allowed: app
+            .cfg
+            .relay
+            .networks
+            .iter()
+            .any(|n| n.contains(&peer.ip())),
+        plaintext_auth_ok: lcfg.allow_plaintext_auth && peer.ip().is_loopback(),
+    };
+    let scfg = SessionConfig {
+        hostname: app.cfg.server.hostname.clone(),
+        kind: lcfg.kind,
+        max_message_size: app.cfg.limits.max_message_size,
+        max_recipients: app.cfg.limits.max_recipients,
+        max_bad_commands: app.cfg.limits.max_bad_commands,
+        max_received_headers: app.cfg.limits.max_received_headers,
+        tls_available: true,
+    };
+    let dir = app.directory();
+    let mut session = Session::new(scfg, client, &dir);
+    let conn = if lcfg.kind == ListenerKind::Submissions {
+        let acceptor = tokio_rustls::TlsAcceptor::from(app.tls.clone());
+        let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        session = session.with_tls(crate::tls::describe(tls.get_ref().1));
+        Conn::Tls(Box::new(tls))
+    } else {
+        Conn::Plain(stream)
+    };
+    let mut io = SmtpIo {
+        conn,
+        rbuf: Vec::with_capacity(4096),
+        out: Vec::with_capacity(1024),
+        app: app.clone(),
+        listener: lcfg.name.clone(),
+        shutdown,
+    };
+    io.run(&mut session).await
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct SmtpIo<S> {
+    conn: Conn<S>,
+    rbuf: Vec<u8>,
+    out: Vec<u8>,
+    app: Arc<App>,
+    listener: String,
+    shutdown: watch::Receiver<bool>,
+}
+
+enum ReadOutcome {
+    Data,
+    Eof,
+    Timeout,
+    Shutdown,
+}
+
+/// Reason label for a refusal, from its enhanced status code.
+fn reject_reason(reply: &Reply) -> Option<&'static str> {
+    if reply.code < 500 && reply.code != 451 && reply.code != 452 {
+        return None;
+    }
+    let esc = reply.lines.first()?.split(' ').next()?;
+    Some(match esc {
+        "5.1.1" => "unknown_user",
+        "5.7.1" => "relay_denied",
+        "5.3.4" => "too_big",
+        "5.6.11" => "bare_line_ending",
+        "5.5.2" => "syntax",
+        "5.4.6" => "too_many_hops",
+        "5.7.0" => "auth_required",
+        "5.6.7" => "utf8_without_smtputf8",
+        "4.3.0" => "storage",
+        "4.5.3" => "too_many_recipients",
+        _ => return None,
+    })
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
+    async fn flush_out(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.conn.write_all(&self.out).await?;
+            self.conn.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, reply: &Reply) {
+        if let Some(reason) = reject_reason(reply) {
+            METRICS.messages_rejected.with_label_values(&[reason]).inc();
+        }
+        reply.write_to(&mut self.out);
+    }
+
+    /// Reads more input into `rbuf`, bounded by `timeout`; stops early on shutdown when `idle`.
+    async fn read_more(&mut self, timeout: Duration, idle: bool) -> std::io::Result<ReadOutcome> {
+        let mut buf = [0u8; 16 * 1024];
+        let read = tokio::time::timeout(timeout, self.conn.read(&mut buf));
+        let n = if idle {
+            let mut sd = self.shutdown.clone();
+            tokio::select! {
+                r = read => r,
+                _ = sd.wait_for(|v| *v) => return Ok(ReadOutcome::Shutdown),
+            }
+        } else {
+            read.await
+        };
+        match n {
+            Err(_) => Ok(ReadOutcome::Timeout),
+            Ok(Ok(0)) => Ok(ReadOutcome::Eof),
+            Ok(Ok(n)) => {
+                self.rbuf.extend_from_slice(&buf[..n]);
+                Ok(ReadOutcome::Data)
+            }
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    async fn run(&mut self, session: &mut Session<'_>) -> std::io::Result<()> {
+        let greeting = session.greeting();
+        self.push(&greeting);
+        let cmd_timeout = self.app.cfg.limits.command_timeout;
+        let mut discarding = false;
+        loop {
+            // Answer every complete line already received before reading again (RFC 2920).
+            while let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let limit = if session.in_auth() {
+                    MAX_AUTH_LINE
+                } else {
+                    MAX_COMMAND_LINE
+                };
+                let action = if discarding || pos + 1 > limit {
+                    discarding = false;
+                    self.rbuf.drain(..=pos);
+                    session.line_too_long()
+                } else {
+                    let end = if pos > 0 && self.rbuf[pos - 1] == b'\r' {
+                        pos - 1
+                    } else {
+                        pos
+                    };
+                    let line: Vec<u8> = self.rbuf[..end].to_vec();
+                    self.rbuf.drain(..=pos);
+                    session.command(&line)
+                };
+                if let Flow::Close = self.perform(session, action).await? {
+                    self.flush_out().await?;
+                    let _ = self.conn.shutdown().await;
+                    return Ok(());
+                }
+            }
+            let limit = if session.in_auth() {
+                MAX_AUTH_LINE
+            } else {
+                MAX_COMMAND_LINE
+            };
+            if self.rbuf.len() > limit {
+                // An over-long line: drop it as it arrives, answer once its end is seen.
+                discarding = true;
+                self.rbuf.clear();
+            }
+            self.flush_out().await?;
+            match self.read_more(cmd_timeout, self.rbuf.is_empty()).await? {
+                ReadOutcome::Data => {}
+                ReadOutcome::Eof => return Ok(()),
+                ReadOutcome::Timeout => {
+                    tracing::info!("command timeout");
+                    let r = session.timeout_reply();
+                    self.push(&r);
+                    self.flush_out().await?;
+                    return Ok(());
+                }
+                ReadOutcome::Shutdown => {
+                    let r = session.shutdown_reply();
+                    self.push(&r);
+                    self.flush_out().await?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn perform(&mut self, session: &mut Session<'_>, first: Action) -> std::io::Result<Flow> {
+        let mut next = Some(first);
+        while let Some(action) = next.take() {
+            match action {
+                Action::Reply(r) => self.push(&r),
+                Action::Close(r) => {
+                    self.push(&r);
+                    return Ok(Flow::Close);
+                }
+                Action::StartTls(r) => {
+                    self.push(&r);
+                    self.flush_out().await?;
+                    if !self.rbuf.is_empty() {
+                        // RFC 3207 §4.2 / CVE-2011-0411: never execute plaintext pipelined
+                        // behind STARTTLS inside the TLS session.
+                        tracing::warn!(
+                            bytes = self.rbuf.len(),
+                            "discarding plaintext pipelined after STARTTLS"
+                        );
+                        self.rbuf.clear();
+                    }
+                    let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+                        return Ok(Flow::Close);
+                    };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(self.app.tls.clone());
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            session.tls_started(crate::tls::describe(tls.get_ref().1));
+                            self.conn = Conn::Tls(Box::new(tls));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "TLS handshake failed");
+                            return Ok(Flow::Close);
+                        }
+                        Err(_) => return Ok(Flow::Close),
+                    }
+                }
+                Action::ReadData { reply, max_size } => {
+                    self.push(&reply);
+                    self.flush_out().await?;
+                    let mut reader = DataReader::new(max_size);
+                    // A client that streams far past the limit is cut off rather than read forever.
+                    let hard_cap = (max_size as u64).saturating_mul(2).saturating_add(1 << 20);
+                    loop {
+                        match reader.feed(&self.rbuf) {
+                            DataProgress::Done(n) => {
+                                self.rbuf.drain(..n);
+                                break;
+                            }
+                            DataProgress::NeedMore => self.rbuf.clear(),
+                        }
+                        if reader.consumed() > hard_cap {
+                            self.push(&Reply::new(
+                                552,
+                                "5.3.4",
+                                "Message size exceeds fixed maximum message size",
+                            ));
+                            return Ok(Flow::Close);
+                        }
+                        match self
+                            .read_more(self.app.cfg.limits.data_timeout, false)
+                            .await?
+                        {
+                            ReadOutcome::Data => {}
+                            ReadOutcome::Eof => return Ok(Flow::Close),
+                            ReadOutcome::Timeout | ReadOutcome::Shutdown => {
+                                self.push(&session.timeout_reply());
+                                return Ok(Flow::Close);
+                            }
+                        }
+                    }
+                    next = Some(session.data_done(reader.finish()));
+                }
+                Action::ReadBdat { size, last, keep } => {
+                    let mut data = keep.then(|| Vec::with_capacity((size as usize).min(1 << 20)));
+                    let mut remaining = size;
+                    loop {
+                        let take = (remaining as usize).min(self.rbuf.len());
+                        if let Some(d) = data.as_mut() {
+                            d.extend_from_slice(&self.rbuf[..take]);
+                        }
+                        self.rbuf.drain(..take);
+                        remaining -= take as u64;
+                        if remaining == 0 {
+                            break;
+                        }
+                        match self
+                            .read_more(self.app.cfg.limits.data_timeout, false)
+                            .await?
+                        {
+                            ReadOutcome::Data => {}
+                            ReadOutcome::Eof => return Ok(Flow::Close),
+                            ReadOutcome::Timeout | ReadOutcome::Shutdown => {
+                                self.push(&session.timeout_reply());
+                                return Ok(Flow::Close);
+                            }
+                        }
+                    }
+                    next = Some(session.bdat_done(data, last));
+                }
+                Action::CheckAuth { user, password } => {
+                    let store = self.app.store.clone();
+                    let u = user.clone();
+                    let ok =
+                        tokio::task::spawn_blocking(move || store.verify_password(&u, &password))
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or(false);
+                    METRICS
+                        .auth_attempts
+                        .with_label_values(&[if ok { "success" } else { "failure" }])
+                        .inc();
+                    if ok {
+                        tracing::info!(user = %user, "authenticated");
+                    } else {
+                        tracing::warn!(user = %user, "authentication failed");
+                        self.flush_out().await?;
+                        tokio::time::sleep(self.app.cfg.limits.auth_failure_delay).await;
+                    }
+                    next = Some(session.auth_result(&user, ok));
+                }
+                Action::Deliver(draft) => {
+                    let res = self.enqueue(session, draft).await;
+                    if res.is_ok() {
+                        METRICS
+                            .messages_accepted
+                            .with_label_values(&[&self.listener])
+                            .inc();
+                    }
+                    let reply = session.queued(res);
+                    self.push(&reply);
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Makes the message durable in the queue. Returns the queue id only after the flush.
+    async fn enqueue(&self, session: &Session<'_>, draft: Draft) -> Result<String, String> {
+        let started = Instant::now();
+        let queue = &self.app.queue;
+        let id = queue.new_id().map_err(|e| e.to_string())?;
+        let date = chrono::Local::now().to_rfc2822();
+        let single = (draft.rcpts.len() == 1).then(|| draft.rcpts[0].0.full.as_str());
+        let received =
+            session.received_header(&id.to_string(), single, &date, draft.params.smtputf8);
+        let mut body = Vec::with_capacity(received.len() + draft.body.len());
+        body.extend_from_slice(received.as_bytes());
+        body.extend_from_slice(&draft.body);
+        let rcpts = draft
+            .rcpts
+            .iter()
+            .map(|(a, p)| {
+                let mut r = Recipient::new(if a.domain.is_empty() {
+                    // Bare <postmaster> (RFC 5321 §4.5.1) goes to our primary domain's.
+                    format!(
+                        "postmaster@{}",
+                        self.app
+                            .cfg
+                            .domains
+                            .local
+                            .first()
+                            .map(String::as_str)
+                            .unwrap_or("localhost")
+                    )
+                } else {
+                    a.full.clone()
+                });
+                r.orcpt = p.orcpt.clone();
+                r.notify = p.notify.clone();
+                r
+            })
+            .collect();
+        let mut env = Envelope::new(draft.from.clone(), rcpts, body.len() as u64);
+        env.ret = draft.params.ret.map(|r| match r {
+            super::proto::Ret::Full => postrider_queue::Ret::Full,
+            super::proto::Ret::Hdrs => postrider_queue::Ret::Hdrs,
+        });
+        env.envid = draft.params.envid.clone();
+        env.info.insert("listener".into(), self.listener.clone());
+        if let Some(h) = session.helo() {
+            env.info.insert("helo".into(), h.to_string());
+        }
+        if let Some(u) = session.authenticated_user() {
+            env.info.insert("auth".into(), u.to_string());
+        }
+        if let Some(t) = session.tls() {
+            env.info
+                .insert("tls".into(), format!("{} {}", t.version, t.cipher));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        queue
+            .enqueue_with(
+                id,
+                &env,
+                &body,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+            .map_err(|e| e.to_string())?;
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("flusher stopped".into()),
+        }
+        METRICS
+            .enqueue_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(queue_id = %id, from = %draft.from, rcpts = draft.rcpts.len(), size = body.len(), "queued");
+        self.app.wake.notify_one();
+        Ok(id.to_string())
+    }
+}
+
+/// Address checks backed by the config and the store.
+pub struct StoreDirectory {
+    pub app: Arc<App>,
+}
+
+impl Directory for StoreDirectory {
+    fn is_local_domain(&self, domain: &str) -> bool {
+        self.app.cfg.domains.is_local(domain)
+    }
+    fn local_exists(&self, address: &str) -> Result<bool, String> {
+        self.app
+            .store
+            .resolve(address)
+            .map(|a| a.is_some())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Tracks session tasks so shutdown can wait for them.
+pub mod tokio_util_tasks {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    #[derive(Clone, Default)]
+    pub struct Tracker {
+        inner: Arc<(AtomicUsize, Notify)>,
+    }
+
+    struct Done(Arc<(AtomicUsize, Notify)>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            if self.0.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.0.1.notify_waiters();
+            }
+        }
+    }
+
+    impl Tracker {
+        pub fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, f: F) {
+            self.inner.0.fetch_add(1, Ordering::AcqRel);
+            let done = Done(self.inner.clone());
+            tokio::spawn(async move {
+                let _done = done;
+                f.await
+            });
+        }
+
+        /// Waits until every spawned task has finished.
+        pub async fn wait(&self) {
+            loop {
+                let notified = self.inner.1.notified();
+                if self.inner.0.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        }
+    }
+}
