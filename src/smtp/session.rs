@@ -633,3 +633,255 @@ pub fn count_received(body: &[u8]) -> usize {
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir;
+    impl Directory for Dir {
+        fn is_local_domain(&self, d: &str) -> bool {
+            d.eq_ignore_ascii_case("local.test")
+        }
+        fn local_exists(&self, a: &str) -> Result<bool, String> {
+            Ok(a.eq_ignore_ascii_case("alice@local.test"))
+        }
+    }
+
+    fn cfg(kind: ListenerKind) -> SessionConfig {
+        SessionConfig {
+            hostname: "mx.local.test".into(),
+            kind,
+            max_message_size: 1000,
+            max_recipients: 100,
+            max_bad_commands: 20,
+            max_received_headers: 3,
+            tls_available: true,
+        }
+    }
+
+    fn client(relay: bool, plain_auth: bool) -> ClientInfo {
+        ClientInfo {
+            addr: "192.0.2.7:4000".parse().unwrap(),
+            relay_allowed: relay,
+            plaintext_auth_ok: plain_auth,
+        }
+    }
+
+    fn code(a: Action) -> u16 {
+        match a {
+            Action::Reply(r) | Action::Close(r) | Action::StartTls(r) => r.code,
+            Action::ReadData { reply, .. } => reply.code,
+            other => panic!("unexpected action {other:?}"),
+        }
+    }
+
+    fn reply(a: Action) -> Reply {
+        match a {
+            Action::Reply(r) | Action::Close(r) => r,
+            other => panic!("unexpected action {other:?}"),
+        }
+    }
+
+    #[test]
+    fn local_delivery_flow_and_sequence_errors() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Smtp), client(false, false), &d);
+        assert_eq!(code(s.command(b"MAIL FROM:<a@b.example>")), 503);
+        let ehlo = reply(s.command(b"EHLO client.example"));
+        assert!(ehlo.lines.contains(&"STARTTLS".to_string()));
+        assert!(
+            !ehlo.lines.iter().any(|l| l.starts_with("AUTH")),
+            "no AUTH in plaintext"
+        );
+        assert_eq!(code(s.command(b"RCPT TO:<alice@local.test>")), 503);
+        assert_eq!(code(s.command(b"DATA")), 503);
+        assert_eq!(code(s.command(b"MAIL FROM:<a@b.example>")), 250);
+        assert_eq!(code(s.command(b"MAIL FROM:<a@b.example>")), 503);
+        assert_eq!(code(s.command(b"RCPT TO:<bob@local.test>")), 550);
+        assert_eq!(code(s.command(b"RCPT TO:<x@elsewhere.example>")), 554);
+        assert_eq!(code(s.command(b"RCPT TO:<Postmaster@LOCAL.test>")), 250);
+        assert_eq!(code(s.command(b"RCPT TO:<postmaster>")), 250);
+        assert_eq!(code(s.command(b"RCPT TO:<alice@local.test>")), 250);
+        assert_eq!(code(s.command(b"DATA")), 354);
+        let Action::Deliver(d) = s.data_done(Ok(b"Subject: t\r\n\r\nhi\r\n".to_vec())) else {
+            panic!()
+        };
+        assert_eq!(d.rcpts.len(), 3);
+        assert_eq!(d.from, "a@b.example");
+        assert_eq!(s.queued(Ok("ABC".into())).code, 250);
+        // The transaction is over: a new one needs MAIL again.
+        assert_eq!(code(s.command(b"RCPT TO:<alice@local.test>")), 503);
+    }
+
+    #[test]
+    fn relay_rules() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Smtp), client(true, false), &d);
+        s.command(b"EHLO c");
+        s.command(b"MAIL FROM:<>");
+        assert_eq!(code(s.command(b"RCPT TO:<x@elsewhere.example>")), 250);
+        // Source routes are never followed: the relay decision uses the final domain.
+        let mut s = Session::new(cfg(ListenerKind::Smtp), client(false, false), &d);
+        s.command(b"EHLO c");
+        s.command(b"MAIL FROM:<>");
+        assert_eq!(
+            code(s.command(b"RCPT TO:<@local.test:x@elsewhere.example>")),
+            554
+        );
+        // A relay network does not make the submission port open.
+        let mut s = Session::new(cfg(ListenerKind::Submission), client(true, false), &d);
+        s.command(b"EHLO c");
+        assert_eq!(code(s.command(b"MAIL FROM:<a@b.example>")), 530);
+    }
+
+    #[test]
+    fn auth_rules() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Submission), client(false, false), &d);
+        s.command(b"EHLO c");
+        assert_eq!(code(s.command(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==")), 538);
+        s.tls_started(TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "X".into(),
+        });
+        assert_eq!(
+            code(s.command(b"AUTH PLAIN")),
+            503,
+            "EHLO needed again after TLS"
+        );
+        let ehlo = reply(s.command(b"EHLO c"));
+        assert!(ehlo.lines.contains(&"AUTH PLAIN LOGIN".to_string()));
+        assert!(!ehlo.lines.contains(&"STARTTLS".to_string()));
+        match s.command(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==") {
+            Action::CheckAuth { user, password } => {
+                assert_eq!((user.as_str(), password.as_str()), ("alice", "secret"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(code(s.auth_result("alice", false)), 535);
+        assert_eq!(code(s.command(b"AUTH LOGIN")), 334);
+        assert!(s.in_auth());
+        assert_eq!(code(s.command(b"YWxpY2U=")), 334);
+        let Action::CheckAuth { user, password } = s.command(b"c2VjcmV0") else {
+            panic!()
+        };
+        assert_eq!((user.as_str(), password.as_str()), ("alice", "secret"));
+        assert_eq!(code(s.auth_result("alice", true)), 235);
+        assert_eq!(code(s.command(b"AUTH PLAIN")), 503);
+        assert_eq!(code(s.command(b"MAIL FROM:<alice@local.test>")), 250);
+        assert_eq!(code(s.command(b"RCPT TO:<x@elsewhere.example>")), 250);
+        let mut h = String::new();
+        h.push_str(&s.received_header("Q1", None, "date", false));
+        assert!(h.contains("with ESMTPSA id Q1"), "{h}");
+        assert!(h.contains("(using TLSv1.3 with cipher X)"), "{h}");
+    }
+
+    #[test]
+    fn auth_cancel_and_garbage() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Submission), client(false, true), &d);
+        s.command(b"EHLO c");
+        assert_eq!(code(s.command(b"AUTH PLAIN")), 334);
+        assert_eq!(code(s.command(b"*")), 501);
+        assert_eq!(code(s.command(b"AUTH PLAIN !!!notbase64")), 501);
+        assert_eq!(code(s.command(b"AUTH CRAM-MD5")), 504);
+    }
+
+    #[test]
+    fn size_utf8_and_limits() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Smtp), client(false, false), &d);
+        s.command(b"EHLO c");
+        assert_eq!(code(s.command(b"MAIL FROM:<a@b.example> SIZE=1001")), 552);
+        assert_eq!(code(s.command("MAIL FROM:<δ@b.example>".as_bytes())), 553);
+        assert_eq!(
+            code(s.command("MAIL FROM:<δ@b.example> SMTPUTF8".as_bytes())),
+            250
+        );
+        assert_eq!(code(s.command("RCPT TO:<ñ@local.test>".as_bytes())), 550);
+        s.command(b"RSET");
+        s.command(b"MAIL FROM:<a@b.example>");
+        assert_eq!(code(s.command("RCPT TO:<ñ@local.test>".as_bytes())), 553);
+        // HELO sessions take no ESMTP parameters.
+        s.command(b"HELO c");
+        assert_eq!(code(s.command(b"MAIL FROM:<a@b.example> SIZE=10")), 555);
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let d = Dir;
+        let mut c = cfg(ListenerKind::Smtp);
+        c.max_bad_commands = 5;
+        let mut s = Session::new(c, client(false, false), &d);
+        for _ in 0..4 {
+            assert!(matches!(s.command(b"BOGUS"), Action::Reply(_)));
+        }
+        let Action::Close(r) = s.command(b"BOGUS") else {
+            panic!()
+        };
+        assert_eq!(r.code, 421);
+    }
+
+    #[test]
+    fn bdat_flow() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Smtp), client(false, false), &d);
+        s.command(b"EHLO c");
+        // Refused BDAT is still read (RFC 3030 §2).
+        assert!(matches!(
+            s.command(b"BDAT 5"),
+            Action::ReadBdat { keep: false, .. }
+        ));
+        assert_eq!(code(s.bdat_done(None, false)), 503);
+        s.command(b"MAIL FROM:<a@b.example>");
+        s.command(b"RCPT TO:<alice@local.test>");
+        assert!(matches!(
+            s.command(b"BDAT 3"),
+            Action::ReadBdat {
+                keep: true,
+                last: false,
+                ..
+            }
+        ));
+        assert_eq!(code(s.bdat_done(Some(b"abc".to_vec()), false)), 250);
+        assert_eq!(code(s.command(b"DATA")), 503, "DATA and BDAT do not mix");
+        assert!(matches!(
+            s.command(b"BDAT 0 LAST"),
+            Action::ReadBdat {
+                keep: true,
+                last: true,
+                ..
+            }
+        ));
+        let Action::Deliver(d) = s.bdat_done(Some(Vec::new()), true) else {
+            panic!()
+        };
+        assert_eq!(d.body, b"abc");
+        // Over the size limit: refused, transaction over.
+        s.command(b"MAIL FROM:<a@b.example>");
+        s.command(b"RCPT TO:<alice@local.test>");
+        assert!(matches!(
+            s.command(b"BDAT 2000 LAST"),
+            Action::ReadBdat { keep: false, .. }
+        ));
+        assert_eq!(code(s.bdat_done(None, true)), 552);
+        assert_eq!(code(s.command(b"RCPT TO:<alice@local.test>")), 503);
+    }
+
+    #[test]
+    fn loops_are_refused() {
+        let d = Dir;
+        let mut s = Session::new(cfg(ListenerKind::Smtp), client(false, false), &d);
+        s.command(b"EHLO c");
+        s.command(b"MAIL FROM:<a@b.example>");
+        s.command(b"RCPT TO:<alice@local.test>");
+        s.command(b"DATA");
+        let body = b"Received: a\r\nReceived: b\r\nreceived: c\r\n\r\nx\r\n".to_vec();
+        assert_eq!(code(s.data_done(Ok(body))), 554);
+        assert_eq!(
+            count_received(b"Received: a\r\n\r\nReceived: in body\r\n"),
+            1
+        );
+    }
+}
