@@ -56,6 +56,7 @@ max_received_headers = 50
 command_timeout = "5m"
 data_timeout = "10m"
 auth_failure_delay = "1s"
+auth_failures_per_minute = 10
 
 [queue]
 retry_initial = "5m"
@@ -219,6 +220,9 @@ pub struct LimitsConfig {
     /// Delay before answering a failed AUTH (slows password guessing).
     #[serde(with = "humantime_serde")]
     pub auth_failure_delay: Duration,
+    /// Failed AUTH attempts allowed per client IP and minute; past that the session is closed
+    /// with 421 (brute-force protection across connections).
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for LimitsConfig {
@@ -233,6 +237,7 @@ impl Default for LimitsConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             auth_failure_delay: Duration::from_secs(1),
+            auth_failures_per_minute: 10,
         }
     }
 }
@@ -413,6 +418,9 @@ impl Config {
         if self.limits.max_connections_per_ip == 0 {
             e.push("limits.max_connections_per_ip: must be at least 1".into());
         }
+        if self.limits.auth_failures_per_minute == 0 {
+            e.push("limits.auth_failures_per_minute: must be at least 1".into());
+        }
         if self.limits.command_timeout.is_zero() {
             e.push("limits.command_timeout: must be positive".into());
         }
@@ -493,6 +501,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "command_timeout",
             "data_timeout",
             "auth_failure_delay",
+            "auth_failures_per_minute",
         ],
     ),
     (

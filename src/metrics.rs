@@ -21,13 +21,13 @@ pub struct Metrics {
     /// Messages or recipients refused, by reason (`unknown_user`, `relay_denied`, `too_big`,
     /// `bare_line_ending`, `line_too_long`, `too_many_hops`, `storage`, `auth_required`).
     pub messages_rejected: IntCounterVec,
-    /// AUTH attempts by result (`success`, `failure`).
+    /// AUTH attempts by result (`success`, `failure`, `blocked`: over the per-IP failure rate).
     pub auth_attempts: IntCounterVec,
     /// Seconds from end of data to the durable enqueue (the group-commit wait).
     pub enqueue_seconds: Histogram,
     /// Messages in the queue (set at scrape time).
     pub queue_messages: IntGauge,
-    /// Queue entries by state (`due`, `leased`), set at scrape time.
+    /// Queue entries by state (`leased`: being delivered now), set at scrape time.
     pub queue_entries: IntGaugeVec,
     /// Local deliveries by result (`delivered`, `deferred`, `failed`, `duplicate`).
     pub local_deliveries: IntCounterVec,

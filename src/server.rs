@@ -22,6 +22,8 @@ pub struct App {
     /// Wakes the delivery runner when a message is queued.
     pub wake: Arc<Notify>,
     pub admin_token: String,
+    /// Failed AUTH attempts per client IP (governor; pruned by `maintenance`).
+    pub auth_failures: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
 }
 
 impl App {
@@ -77,8 +79,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         path: data.display().to_string(),
         source,
     })?;
-    let queue = Queue::open(data.join("queue"))?;
-    let store = Store::open(data.join("store"))?;
+    // One database for queue and mailbox store: every flush covers both.
+    let (db, commit) = postrider_queue::durable::open_db(&data.join("db"))?;
+    let queue = Queue::with_db(db.clone(), commit.clone())?;
+    let store = Store::with_db(db, commit.clone())?;
     let tls = match &cfg.tls {
         Some(t) => crate::tls::load(&t.cert, &t.key)?,
         None => {
@@ -101,6 +105,10 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         store: store.clone(),
         tls,
         wake: Arc::new(Notify::new()),
+        auth_failures: governor::RateLimiter::keyed(governor::Quota::per_minute(
+            std::num::NonZeroU32::new(cfg.limits.auth_failures_per_minute)
+                .unwrap_or(std::num::NonZeroU32::MIN),
+        )),
     });
 
     // Bind everything first, so a port conflict fails start-up instead of half-running.
@@ -191,17 +199,25 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let _ = http_task.await;
     maint.abort();
     queue.sync()?;
-    store.sync()?;
+    commit.stop();
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Periodic chores: forget old delivery dedupe keys.
+/// Periodic chores: forget idle rate-limiter keys (governor keeps them forever otherwise) and
+/// old delivery dedupe keys.
 async fn maintenance(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let mut minutes = 0u64;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             _ = shutdown.changed() => return,
+        }
+        app.auth_failures.retain_recent();
+        app.auth_failures.shrink_to_fit();
+        minutes += 1;
+        if !minutes.is_multiple_of(60) {
+            continue;
         }
         let store = app.store.clone();
         // Keys only guard against replays after a crash; a week is far beyond any lease.

@@ -476,3 +476,35 @@ fn mail_loops_are_refused() {
     assert_eq!(code, 554, "{text}");
     assert!(text.contains("5.4.6"));
 }
+
+#[test]
+fn repeated_auth_failures_from_one_ip_are_cut_off() {
+    let s = Server::start_with(
+        "",
+        "auth_failure_delay = \"1ms\"\nauth_failures_per_minute = 2",
+        "",
+    );
+    s.add_user("alice@local.test", "pw");
+    let mut c = Smtp::connect(s.port("submission-plain"));
+    assert_eq!(c.cmd("EHLO x"), 250);
+    // alice@local.test / wrong
+    assert_eq!(c.cmd("AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAd3Jvbmc="), 535);
+    assert_eq!(c.cmd("AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAd3Jvbmc="), 535);
+    assert_eq!(c.cmd("AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAd3Jvbmc="), 421);
+    assert!(c.closed());
+    // The limit is per IP, across connections.
+    let mut c = Smtp::connect(s.port("submission-plain"));
+    assert_eq!(c.cmd("EHLO x"), 250);
+    assert_eq!(c.cmd("AUTH PLAIN AGFsaWNlQGxvY2FsLnRlc3QAd3Jvbmc="), 421);
+}
+
+#[test]
+fn shutdown_answers_421_to_idle_sessions() {
+    let mut s = Server::start();
+    let mut c = Smtp::connect(s.port("smtp"));
+    assert_eq!(c.cmd("EHLO x"), 250);
+    assert!(s.stop().success());
+    let (code, text) = c.reply();
+    assert_eq!(code, 421, "{text}");
+    assert!(text.contains("4.3.2"), "{text}");
+}

@@ -13,9 +13,23 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
+
+/// Longest a flush waits for writers that are still writing (see [`GroupCommit::writing`]).
+const MAX_GATHER: Duration = Duration::from_millis(1);
+
+/// Marks a writer as busy writing; the next flush waits (briefly) for it to commit.
+pub struct Writing(Arc<AtomicUsize>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Callback run on the flusher thread once the write it follows is durable (or failed to be).
 pub type Waiter = Box<dyn FnOnce(Result<(), Arc<std::io::Error>>) + Send + 'static>;
@@ -24,6 +38,8 @@ pub type Waiter = Box<dyn FnOnce(Result<(), Arc<std::io::Error>>) + Send + 'stat
 #[derive(Clone)]
 pub struct GroupCommit {
     tx: mpsc::Sender<Msg>,
+    /// Writers between [`GroupCommit::writing`] and their `commit` call.
+    in_flight: Arc<AtomicUsize>,
     stats: Arc<Mutex<FlushStats>>,
     thread: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
 }
@@ -49,6 +65,8 @@ impl GroupCommit {
         let stats = Arc::new(Mutex::new(FlushStats::default()));
         let mut syncer = FileSyncer::new(dir)?;
         let st = stats.clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let busy = in_flight.clone();
         let handle = thread::Builder::new()
             .name(format!(
                 "group-commit-{}",
@@ -56,18 +74,40 @@ impl GroupCommit {
             ))
             .spawn(move || {
                 let mut stop = false;
+                let mut last_batch = 1usize;
                 while !stop {
                     let mut batch = Vec::new();
                     match rx.recv() {
                         Ok(Msg::Wait(w)) => batch.push(w),
                         Ok(Msg::Stop) | Err(_) => stop = true,
                     }
-                    while let Ok(m) = rx.try_recv() {
-                        match m {
-                            Msg::Wait(w) => batch.push(w),
-                            Msg::Stop => stop = true,
+                    // Gather: a leader that flushes the moment the first waiter arrives makes
+                    // batches of one while the other writers are still being woken up or are
+                    // mid-write. So wait, at most MAX_GATHER, until as many waiters as last
+                    // round have arrived and nobody is mid-write; then one flush serves them all.
+                    let started = Instant::now();
+                    let target = last_batch.max(1);
+                    loop {
+                        while let Ok(m) = rx.try_recv() {
+                            match m {
+                                Msg::Wait(w) => batch.push(w),
+                                Msg::Stop => stop = true,
+                            }
+                        }
+                        if stop || (batch.len() >= target && busy.load(Ordering::Acquire) == 0) {
+                            break;
+                        }
+                        let Some(left) = MAX_GATHER.checked_sub(started.elapsed()) else {
+                            break;
+                        };
+                        match rx.recv_timeout(left) {
+                            Ok(Msg::Wait(w)) => batch.push(w),
+                            Ok(Msg::Stop) => stop = true,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
                         }
                     }
+                    last_batch = batch.len();
                     let res = db
                         .flush()
                         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -87,9 +127,17 @@ impl GroupCommit {
             })?;
         Ok(GroupCommit {
             tx,
+            in_flight,
             stats,
             thread: Arc::new(Mutex::new(Some(handle))),
         })
+    }
+
+    /// Call before writing; keep the guard until after [`GroupCommit::commit`], so a flush that
+    /// is about to start includes this write instead of leaving it for the next round.
+    pub fn writing(&self) -> Writing {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Writing(self.in_flight.clone())
     }
 
     /// Queues `waiter` to be called after the next flush. Writes made before this call are
@@ -172,6 +220,18 @@ impl FileSyncer {
         }
         Ok(())
     }
+}
+
+/// Opens a sled database tuned for the queue and starts its flusher.
+pub fn open_db(path: &Path) -> Result<(sled::Db, GroupCommit), crate::Error> {
+    let db = sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        // sled's own background flush; ours (group commit) is what acknowledgements wait for.
+        .flush_every_ms(Some(1000))
+        .open()?;
+    let commit = GroupCommit::start(db.clone(), path)?;
+    Ok((db, commit))
 }
 
 /// Bodies are stored in chunks below sled's blob threshold so they land in the log file, which

@@ -108,9 +108,6 @@ pub struct Envelope {
     /// Held messages are never handed out until released.
     #[serde(default)]
     pub held: bool,
-    /// Times a crash interrupted a delivery of this message (backs off crash loops).
-    #[serde(default)]
-    pub recoveries: u32,
     /// Body size in octets.
     pub size: u64,
     /// Free-form facts for logs and `queue show` (client address, HELO, authenticated user...).
@@ -130,7 +127,6 @@ impl Envelope {
             next_attempt_ms: now,
             attempts: 0,
             held: false,
-            recoveries: 0,
             size,
             info: Default::default(),
         }
@@ -146,7 +142,7 @@ impl Envelope {
 }
 
 /// A message handed to a delivery runner. Until it is settled, nobody else gets it; after a
-/// crash, open() returns it to the due index.
+/// crash it is due again (leases are not persisted).
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub id: QueueId,
@@ -171,7 +167,7 @@ pub enum Settled {
     Done(Envelope),
     /// Some recipients are still pending; the message is due again at `next_attempt_ms`.
     Requeued(Envelope),
-    /// The message was deleted (or the lease lost) while it was being delivered.
+    /// The message was deleted while it was being delivered.
     Gone,
 }
 

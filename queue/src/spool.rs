@@ -4,7 +4,10 @@
 //! - `body`:  id ++ chunk number -> body bytes (written once, read at delivery)
 //! - `due`:   next-attempt time (ms, big-endian) ++ id -> (); the key order *is* the schedule, so
 //!   finding due work costs O(due), never O(queue).
-//! - `lease`: id -> (); messages handed to a runner. At open they return to `due`.
+//!
+//! Leases (messages handed to a runner) live in memory only: a leased message keeps its `due`
+//! entry until it is settled, so after a crash it is simply due again. Taking work therefore
+//! writes nothing, which halves the writes per delivered message.
 //!
 //! Envelope and body are apart (as KumoMTA keeps meta and data spools apart) because the
 //! envelope changes on every attempt while the body never does.
@@ -13,9 +16,10 @@ use crate::durable::{CHUNK, GroupCommit, Waiter, chunk_key, read_chunked};
 use crate::{Envelope, Error, Lease, Outcome, QueueId, RcptState, Result, Settled, now_ms};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The durable queue. Cheap to clone.
 #[derive(Clone)]
@@ -28,22 +32,29 @@ struct Inner {
     env: sled::Tree,
     body: sled::Tree,
     due: sled::Tree,
-    lease: sled::Tree,
+    leased: Mutex<HashSet<QueueId>>,
     commit: GroupCommit,
+    /// Opened by [`Queue::open`]: the flusher is ours to stop.
+    owns_commit: bool,
     depth: AtomicU64,
 }
+
+/// One message's outcomes for [`Queue::settle_many`]: id, per-recipient outcomes, and when
+/// to retry the recipients still pending.
+pub type SettleItem = (QueueId, Vec<(usize, Outcome)>, u64);
 
 /// Sizes for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueCounts {
     pub messages: u64,
-    pub due_entries: u64,
     pub leased: u64,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.commit.stop();
+        if self.owns_commit {
+            self.commit.stop();
+        }
     }
 }
 
@@ -93,70 +104,37 @@ fn unwrap_tx<T>(r: std::result::Result<T, TransactionError<Error>>) -> Result<T>
     })
 }
 
-/// Delay before a message whose lease was interrupted by a crash is tried again: immediately the
-/// first time, then backing off, so a message that crashes the server cannot cause a hot loop.
-fn recovery_delay_ms(recoveries: u32) -> u64 {
-    if recoveries <= 1 {
-        0
-    } else {
-        (1000u64 << recoveries.min(12)).min(3_600_000)
-    }
-}
-
 impl Queue {
-    /// Opens (or creates) the queue in directory `path`, returning leases left by a crash to the
-    /// due index.
+    /// Opens (or creates) the queue in directory `path`. Messages that were being delivered
+    /// when the process died are due again at once.
     pub fn open(path: impl AsRef<Path>) -> Result<Queue> {
-        let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(1000))
-            .open()?;
-        let commit = GroupCommit::start(db.clone(), path)?;
+        let (db, commit) = crate::durable::open_db(path.as_ref())?;
+        Queue::build(db, commit, true)
+    }
+
+    /// Opens the queue's trees inside a database shared with other data (postrider keeps the
+    /// mailbox store in the same one, so enqueues and deliveries share every flush).
+    pub fn with_db(db: sled::Db, commit: GroupCommit) -> Result<Queue> {
+        Queue::build(db, commit, false)
+    }
+
+    fn build(db: sled::Db, commit: GroupCommit, owns_commit: bool) -> Result<Queue> {
         let q = Queue {
             inner: Arc::new(Inner {
-                env: db.open_tree("env")?,
-                body: db.open_tree("body")?,
-                due: db.open_tree("due")?,
-                lease: db.open_tree("lease")?,
+                env: db.open_tree("queue.env")?,
+                body: db.open_tree("queue.body")?,
+                due: db.open_tree("queue.due")?,
+                leased: Mutex::new(HashSet::new()),
                 db,
                 commit,
+                owns_commit,
                 depth: AtomicU64::new(0),
             }),
         };
-        q.recover()?;
         let n = q.inner.env.iter().keys().count() as u64;
         q.inner.depth.store(n, Ordering::Relaxed);
         q.sync()?;
         Ok(q)
-    }
-
-    fn recover(&self) -> Result<()> {
-        let i = &self.inner;
-        let now = now_ms();
-        for k in i.lease.iter().keys() {
-            let k = k?;
-            let Ok(raw) = <[u8; 8]>::try_from(&k[..]) else {
-                i.lease.remove(&k)?;
-                continue;
-            };
-            let id = QueueId(u64::from_be_bytes(raw));
-            unwrap_tx((&i.env, &i.due, &i.lease).transaction(|(env, due, lease)| {
-                lease.remove(&raw)?;
-                if let Some(mut e) = tx_get_env(env, id)? {
-                    e.recoveries += 1;
-                    e.next_attempt_ms = now + recovery_delay_ms(e.recoveries);
-                    tx_put_env(env, id, &e)?;
-                    if !e.held {
-                        due.insert(&due_key(e.next_attempt_ms, id), &[])?;
-                    }
-                }
-                Ok(())
-            }))?;
-            tracing::info!(queue_id = %id, "lease left by a crash returned to the queue");
-        }
-        Ok(())
     }
 
     /// A fresh, never reused id (sled's persistent id generator).
@@ -174,6 +152,7 @@ impl Queue {
         done: Waiter,
     ) -> Result<()> {
         let i = &self.inner;
+        let _writing = i.commit.writing();
         let key = id.0.to_be_bytes();
         let env_bytes =
             serde_json::to_vec(envelope).map_err(|source| Error::Corrupt { id, source })?;
@@ -229,35 +208,39 @@ impl Queue {
         })
     }
 
-    /// Leases up to `max` messages due at or before `now_ms`. Costs O(returned).
+    fn leased(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
+        // A poisoned lock only means a thread panicked while holding it; the set is still valid.
+        self.inner.leased.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Leases up to `max` messages due at or before `now_ms`. Costs O(returned + leased) and
+    /// writes nothing.
     pub fn take_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>> {
         let i = &self.inner;
         let mut out = Vec::new();
-        let mut candidates = Vec::new();
+        let mut leased = self.leased();
         for kv in i.due.iter().keys() {
             let k = kv?;
             let Some((t, id)) = split_due_key(&k) else {
                 i.due.remove(&k)?;
                 continue;
             };
-            if t > now_ms || candidates.len() >= max {
+            if t > now_ms || out.len() >= max {
                 break;
             }
-            candidates.push((k, id));
-        }
-        for (k, id) in candidates {
-            let got = unwrap_tx((&i.env, &i.due, &i.lease).transaction(|(env, due, lease)| {
-                if due.remove(&k)?.is_none() {
-                    return Ok(None); // raced with hold/delete
+            if leased.contains(&id) {
+                continue;
+            }
+            match i.env.get(id.0.to_be_bytes())? {
+                Some(v) => {
+                    let envelope = decode(id, &v)?;
+                    leased.insert(id);
+                    out.push(Lease { id, envelope });
                 }
-                let Some(e) = tx_get_env(env, id)? else {
-                    return Ok(None);
-                };
-                lease.insert(&id.0.to_be_bytes(), &[])?;
-                Ok(Some(e))
-            }))?;
-            if let Some(envelope) = got {
-                out.push(Lease { id, envelope });
+                // A due entry without a message (deleted meanwhile): drop it.
+                None => {
+                    i.due.remove(&k)?;
+                }
             }
         }
         Ok(out)
@@ -273,20 +256,26 @@ impl Queue {
         outcomes: &[(usize, Outcome)],
         retry_at_ms: u64,
     ) -> Result<Settled> {
+        let mut r = self.settle_many(&[(id, outcomes.to_vec(), retry_at_ms)])?;
+        Ok(r.pop().unwrap_or(Settled::Gone))
+    }
+
+    /// [`Queue::settle`] for a whole delivery round in one transaction. Outcomes for recipient
+    /// indexes that do not exist are ignored (and logged).
+    pub fn settle_many(&self, items: &[SettleItem]) -> Result<Vec<Settled>> {
         let i = &self.inner;
-        let key = id.0.to_be_bytes();
-        let res = unwrap_tx((&i.env, &i.body, &i.due, &i.lease).transaction(
-            |(env, bt, due, lease)| {
-                lease.remove(&key)?;
+        let res = unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, outcomes, retry_at_ms) in items {
+                let (id, key) = (*id, id.0.to_be_bytes());
                 let Some(mut e) = tx_get_env(env, id)? else {
-                    return Ok(Settled::Gone);
+                    out.push(Settled::Gone);
+                    continue;
                 };
                 for (idx, outcome) in outcomes {
                     let Some(r) = e.recipients.get_mut(*idx) else {
-                        return Err(ConflictableTransactionError::Abort(Error::BadRecipient {
-                            id,
-                            index: *idx,
-                        }));
+                        tracing::error!(queue_id = %id, index = idx, "outcome for a recipient that does not exist");
+                        continue;
                     };
                     if r.state != RcptState::Pending {
                         continue;
@@ -305,23 +294,34 @@ impl Queue {
                     }
                 }
                 e.attempts += 1;
+                due.remove(&due_key(e.next_attempt_ms, id))?;
                 if e.pending().next().is_none() {
                     env.remove(&key)?;
                     for n in 0..chunks_of(e.size) {
                         bt.remove(chunk_key(&key, n))?;
                     }
-                    return Ok(Settled::Done(e));
+                    out.push(Settled::Done(e));
+                    continue;
                 }
-                e.next_attempt_ms = retry_at_ms;
+                e.next_attempt_ms = *retry_at_ms;
                 tx_put_env(env, id, &e)?;
                 if !e.held {
-                    due.insert(&due_key(retry_at_ms, id), &[])?;
+                    due.insert(&due_key(*retry_at_ms, id), &[])?;
                 }
-                Ok(Settled::Requeued(e))
-            },
-        ))?;
-        if matches!(res, Settled::Done(_)) {
-            i.depth.fetch_sub(1, Ordering::Relaxed);
+                out.push(Settled::Requeued(e));
+            }
+            Ok(out)
+        }));
+        // Leases end even when the write failed: the messages are then due again as before.
+        let mut leased = self.leased();
+        for (id, _, _) in items {
+            leased.remove(id);
+        }
+        let res = res?;
+        for r in &res {
+            if matches!(r, Settled::Done(_)) {
+                i.depth.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         Ok(res)
     }
@@ -340,7 +340,7 @@ impl Queue {
 
     /// Whether a runner currently holds a lease on the message.
     pub fn is_leased(&self, id: QueueId) -> Result<bool> {
-        Ok(self.inner.lease.contains_key(id.0.to_be_bytes())?)
+        Ok(self.leased().contains(&id))
     }
 
     /// Up to `limit` messages in id (= arrival) order.
@@ -373,21 +373,17 @@ impl Queue {
         self.retry_now(id, true)
     }
 
-    /// Makes a waiting message due now (`queue flush`). Held messages stay held.
+    /// Makes a waiting message due now (`queue flush`). Held messages stay held unless
+    /// `unhold`.
     pub fn retry_now(&self, id: QueueId, unhold: bool) -> Result<()> {
-        let leased = self.is_leased(id)?;
         self.update(id, |e, due| {
             if e.held && !unhold {
                 return Ok(());
             }
-            if !e.held {
-                due.remove(&due_key(e.next_attempt_ms, id))?;
-            }
+            due.remove(&due_key(e.next_attempt_ms, id))?;
             e.held = false;
             e.next_attempt_ms = now_ms();
-            if !leased {
-                due.insert(&due_key(e.next_attempt_ms, id), &[])?;
-            }
+            due.insert(&due_key(e.next_attempt_ms, id), &[])?;
             Ok(())
         })
     }
@@ -396,20 +392,17 @@ impl Queue {
     pub fn delete(&self, id: QueueId) -> Result<Envelope> {
         let i = &self.inner;
         let key = id.0.to_be_bytes();
-        let e = unwrap_tx((&i.env, &i.body, &i.due, &i.lease).transaction(
-            |(env, bt, due, lease)| {
-                let Some(e) = tx_get_env(env, id)? else {
-                    return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
-                };
-                env.remove(&key)?;
-                lease.remove(&key)?;
-                due.remove(&due_key(e.next_attempt_ms, id))?;
-                for n in 0..chunks_of(e.size) {
-                    bt.remove(chunk_key(&key, n))?;
-                }
-                Ok(e)
-            },
-        ))?;
+        let e = unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
+            let Some(e) = tx_get_env(env, id)? else {
+                return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
+            };
+            env.remove(&key)?;
+            due.remove(&due_key(e.next_attempt_ms, id))?;
+            for n in 0..chunks_of(e.size) {
+                bt.remove(chunk_key(&key, n))?;
+            }
+            Ok(e)
+        }))?;
         i.depth.fetch_sub(1, Ordering::Relaxed);
         self.sync()?;
         Ok(e)
@@ -434,8 +427,7 @@ impl Queue {
     pub fn counts(&self) -> QueueCounts {
         QueueCounts {
             messages: self.inner.depth.load(Ordering::Relaxed),
-            due_entries: self.inner.due.len() as u64,
-            leased: self.inner.lease.len() as u64,
+            leased: self.leased().len() as u64,
         }
     }
 }

@@ -2,14 +2,23 @@
 
 use super::{BoxFuture, Delivery, Job, JobResult};
 use crate::metrics::METRICS;
-use crate::store::Store;
+use crate::store::{Append, Store};
 use postrider_queue::Outcome;
+use std::collections::HashMap;
 
 /// Delivers to accounts of local domains.
 pub struct LocalDelivery {
     pub store: Store,
     /// Account that receives postmaster@ every local domain.
     pub postmaster: String,
+}
+
+/// One recipient's copy, waiting to be appended.
+struct Copy {
+    job: usize,
+    rcpt: usize,
+    raw: Vec<u8>,
+    key: String,
 }
 
 impl LocalDelivery {
@@ -23,18 +32,26 @@ impl LocalDelivery {
         self.store.resolve(address)
     }
 
+    /// Delivers a batch: copies are grouped per account and appended in one transaction per
+    /// account, then the store is synced once, and only then are outcomes reported.
     fn deliver_sync(&self, jobs: &[Job]) -> Vec<JobResult> {
         let now = postrider_queue::now_ms();
-        let mut results: Vec<JobResult> = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let mut res = Vec::with_capacity(job.rcpts.len());
+        let mut results: Vec<JobResult> = vec![Vec::new(); jobs.len()];
+        let mut per_account: HashMap<String, Vec<Copy>> = HashMap::new();
+        for (j, job) in jobs.iter().enumerate() {
             for &idx in &job.rcpts {
                 let Some(rcpt) = job.envelope.recipients.get(idx) else {
                     continue;
                 };
-                let outcome = match self.account_for(&rcpt.address) {
-                    Ok(None) => Outcome::Failed("5.1.1 mailbox unavailable: no such user".into()),
-                    Err(e) => Outcome::Deferred(format!("4.3.0 mailbox store error: {e}")),
+                match self.account_for(&rcpt.address) {
+                    Ok(None) => results[j].push((
+                        idx,
+                        Outcome::Failed("5.1.1 mailbox unavailable: no such user".into()),
+                    )),
+                    Err(e) => results[j].push((
+                        idx,
+                        Outcome::Deferred(format!("4.3.0 mailbox store error: {e}")),
+                    )),
                     Ok(Some(account)) => {
                         // RFC 5321 §4.4: Return-Path is added at final delivery.
                         let mut raw = Vec::with_capacity(job.body.len() + 128);
@@ -46,40 +63,58 @@ impl LocalDelivery {
                             .as_bytes(),
                         );
                         raw.extend_from_slice(&job.body);
-                        // Dedupe by queue id + account: a replay after a crash (or the same
-                        // account reached twice through aliases) stores one copy.
+                        // Dedupe by queue id + account: a replay after a crash (or one account
+                        // reached twice through aliases) stores one copy.
                         let key = format!("{}/{}", job.id, account);
-                        match self.store.append(
-                            &account,
-                            "INBOX",
-                            &raw,
-                            &[],
-                            now,
-                            Some(key.as_bytes()),
-                        ) {
-                            Ok(Some(uid)) => {
-                                tracing::info!(queue_id = %job.id, rcpt = %rcpt.address, %account, uid, "delivered to mailbox");
-                                METRICS
-                                    .local_deliveries
-                                    .with_label_values(&["delivered"])
-                                    .inc();
-                                Outcome::Delivered
-                            }
-                            Ok(None) => {
-                                tracing::info!(queue_id = %job.id, rcpt = %rcpt.address, %account, "already delivered (duplicate suppressed)");
-                                METRICS
-                                    .local_deliveries
-                                    .with_label_values(&["duplicate"])
-                                    .inc();
-                                Outcome::Delivered
-                            }
-                            Err(e) => Outcome::Deferred(format!("4.3.0 mailbox store error: {e}")),
-                        }
+                        per_account.entry(account).or_default().push(Copy {
+                            job: j,
+                            rcpt: idx,
+                            raw,
+                            key,
+                        });
                     }
-                };
-                res.push((idx, outcome));
+                }
             }
-            results.push(res);
+        }
+        for (account, copies) in &per_account {
+            let items: Vec<Append<'_>> = copies
+                .iter()
+                .map(|c| Append {
+                    raw: &c.raw,
+                    flags: &[],
+                    internal_date_ms: now,
+                    dedupe_key: Some(c.key.as_bytes()),
+                })
+                .collect();
+            let res = self.store.append_many(account, "INBOX", &items);
+            for (k, c) in copies.iter().enumerate() {
+                let id = jobs[c.job].id;
+                let addr = &jobs[c.job].envelope.recipients[c.rcpt].address;
+                let outcome = match res.as_ref().map(|r| r.get(k)) {
+                    Ok(Some(Ok(Some(uid)))) => {
+                        tracing::info!(queue_id = %id, rcpt = %addr, %account, uid, "delivered to mailbox");
+                        METRICS
+                            .local_deliveries
+                            .with_label_values(&["delivered"])
+                            .inc();
+                        Outcome::Delivered
+                    }
+                    Ok(Some(Ok(None))) => {
+                        tracing::info!(queue_id = %id, rcpt = %addr, %account, "already delivered (duplicate suppressed)");
+                        METRICS
+                            .local_deliveries
+                            .with_label_values(&["duplicate"])
+                            .inc();
+                        Outcome::Delivered
+                    }
+                    Ok(Some(Err(e))) => {
+                        Outcome::Deferred(format!("4.3.0 mailbox store error: {e}"))
+                    }
+                    Ok(None) => Outcome::Deferred("4.3.0 mailbox store gave no result".into()),
+                    Err(e) => Outcome::Deferred(format!("4.3.0 mailbox store error: {e}")),
+                };
+                results[c.job].push((c.rcpt, outcome));
+            }
         }
         // One fsync for the whole batch; only then may the queue forget these messages.
         if let Err(e) = self.store.sync() {

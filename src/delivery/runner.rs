@@ -129,9 +129,10 @@ impl Runner {
                 }
             }
         }
+        let now = now_ms();
+        let mut settle = Vec::with_capacity(outcomes.len());
         for (id, mut outs) in outcomes {
             let Some(env) = envs.get(&id) else { continue };
-            let now = now_ms();
             if self.policy.expired(env.arrival_ms, now) {
                 for (_, o) in outs.iter_mut() {
                     if let Outcome::Deferred(why) = o {
@@ -142,20 +143,21 @@ impl Runner {
                 }
             }
             for (i, o) in &outs {
+                let rcpt = env.recipients.get(*i).map_or("?", |r| r.address.as_str());
                 match o {
                     Outcome::Deferred(w) => {
                         METRICS
                             .local_deliveries
                             .with_label_values(&["deferred"])
                             .inc();
-                        tracing::warn!(queue_id = %id, rcpt = %env.recipients[*i].address, reason = %w, "deferred");
+                        tracing::warn!(queue_id = %id, %rcpt, reason = %w, "deferred");
                     }
                     Outcome::Failed(w) => {
                         METRICS
                             .local_deliveries
                             .with_label_values(&["failed"])
                             .inc();
-                        tracing::warn!(queue_id = %id, rcpt = %env.recipients[*i].address, reason = %w, "failed");
+                        tracing::warn!(queue_id = %id, %rcpt, reason = %w, "failed");
                     }
                     Outcome::Delivered => {}
                 }
@@ -163,18 +165,30 @@ impl Runner {
             let retry_at =
                 self.policy
                     .next_attempt_ms(env.attempts + 1, now, rand::random::<f64>());
-            match self.queue.settle(id, &outs, retry_at) {
-                Ok(Settled::Done(_)) => {
-                    tracing::debug!(queue_id = %id, "message done, removed from queue")
-                }
-                Ok(Settled::Requeued(_)) => {}
-                Ok(Settled::Gone) => {
-                    tracing::info!(queue_id = %id, "message was deleted during delivery")
-                }
-                Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "cannot settle delivery outcome")
+            settle.push((id, outs, retry_at));
+        }
+        let q = self.queue.clone();
+        match tokio::task::spawn_blocking(move || {
+            let r = q.settle_many(&settle);
+            (settle, r)
+        })
+        .await
+        {
+            Ok((settle, Ok(results))) => {
+                for ((id, _, _), r) in settle.iter().zip(results) {
+                    match r {
+                        Settled::Done(_) => {
+                            tracing::debug!(queue_id = %id, "message done, removed from queue")
+                        }
+                        Settled::Requeued(_) => {}
+                        Settled::Gone => {
+                            tracing::info!(queue_id = %id, "message was deleted during delivery")
+                        }
+                    }
                 }
             }
+            Ok((_, Err(e))) => tracing::error!(error = %e, "cannot settle delivery outcomes"),
+            Err(e) => tracing::error!(error = %e, "settle task failed"),
         }
     }
 }

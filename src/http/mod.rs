@@ -123,10 +123,6 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     METRICS.queue_messages.set(c.messages as i64);
     METRICS
         .queue_entries
-        .with_label_values(&["due"])
-        .set(c.due_entries as i64);
-    METRICS
-        .queue_entries
         .with_label_values(&["leased"])
         .set(c.leased as i64);
     let fs = app.queue.flush_stats();

@@ -240,6 +240,7 @@ async fn handle(
         out: Vec::with_capacity(1024),
         app: app.clone(),
         listener: lcfg.name.clone(),
+        peer,
         shutdown,
     };
     io.run(&mut session).await
@@ -256,6 +257,7 @@ struct SmtpIo<S> {
     out: Vec<u8>,
     app: Arc<App>,
     listener: String,
+    peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -510,6 +512,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
                         tracing::info!(user = %user, "authenticated");
                     } else {
                         tracing::warn!(user = %user, "authentication failed");
+                        if self.app.auth_failures.check_key(&self.peer.ip()).is_err() {
+                            METRICS.auth_attempts.with_label_values(&["blocked"]).inc();
+                            self.push(&Reply::new(
+                                421,
+                                "4.7.0",
+                                "Too many failed authentications; try again later",
+                            ));
+                            return Ok(Flow::Close);
+                        }
                         self.flush_out().await?;
                         tokio::time::sleep(self.app.cfg.limits.auth_failure_delay).await;
                     }

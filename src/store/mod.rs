@@ -134,6 +134,16 @@ pub fn mailbox_name(name: &str) -> String {
     }
 }
 
+/// One message for [`Store::append_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    pub raw: &'a [u8],
+    pub flags: &'a [String],
+    pub internal_date_ms: u64,
+    /// Makes the append idempotent: a key seen before means "already delivered".
+    pub dedupe_key: Option<&'a [u8]>,
+}
+
 /// Handle to the store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -148,21 +158,26 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens a store in its own database (tests, tools).
     pub fn open(path: impl AsRef<Path>) -> Result<Store> {
-        let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(Some(1000))
-            .open()?;
-        let commit = GroupCommit::start(db.clone(), path)?;
+        let (db, commit) =
+            postrider_queue::durable::open_db(path.as_ref()).map_err(|e| match e {
+                postrider_queue::Error::Storage(e) => StoreError::Storage(e),
+                other => StoreError::Io(std::io::Error::other(other.to_string())),
+            })?;
+        Store::with_db(db, commit)
+    }
+
+    /// Opens the store's trees in a database shared with the queue: one log, one flush for
+    /// both, so a delivery's store write and the next enqueues share an fsync.
+    pub fn with_db(db: sled::Db, commit: GroupCommit) -> Result<Store> {
         Ok(Store {
-            accounts: db.open_tree("accounts")?,
-            aliases: db.open_tree("aliases")?,
-            mailboxes: db.open_tree("mailboxes")?,
-            messages: db.open_tree("messages")?,
-            bodies: db.open_tree("bodies")?,
-            dedupe: db.open_tree("dedupe")?,
+            accounts: db.open_tree("store.accounts")?,
+            aliases: db.open_tree("store.aliases")?,
+            mailboxes: db.open_tree("store.mailboxes")?,
+            messages: db.open_tree("store.messages")?,
+            bodies: db.open_tree("store.bodies")?,
+            dedupe: db.open_tree("store.dedupe")?,
             db,
             commit,
         })
@@ -400,18 +415,34 @@ impl Store {
         internal_date_ms: u64,
         dedupe_key: Option<&[u8]>,
     ) -> Result<Option<u32>> {
+        let item = Append {
+            raw,
+            flags,
+            internal_date_ms,
+            dedupe_key,
+        };
+        self.append_many(account, mailbox, std::slice::from_ref(&item))?
+            .pop()
+            .unwrap_or(Ok(None))
+    }
+
+    /// Appends several messages to one mailbox in one transaction (local delivery batches
+    /// them: one mailbox-record update and one commit instead of one per message).
+    pub fn append_many(
+        &self,
+        account: &str,
+        mailbox: &str,
+        items: &[Append<'_>],
+    ) -> Result<Vec<Result<Option<u32>>>> {
         let mailbox = mailbox_name(mailbox);
         let mk = mbox_key(account, &mailbox);
-        let body_id = self.db.generate_id()?;
-        let bkey = body_id.to_be_bytes();
+        let mut body_ids = Vec::with_capacity(items.len());
+        for _ in items {
+            body_ids.push(self.db.generate_id()?);
+        }
         unwrap_tx(
             (&self.mailboxes, &self.messages, &self.bodies, &self.dedupe).transaction(
                 |(mb, msgs, bodies, dd)| {
-                    if let Some(k) = dedupe_key
-                        && dd.get(k)?.is_some()
-                    {
-                        return Ok(None);
-                    }
                     let Some(v) = mb.get(&mk)? else {
                         return Err(ConflictableTransactionError::Abort(StoreError::NoMailbox(
                             format!("{account}/{mailbox}"),
@@ -419,29 +450,41 @@ impl Store {
                     };
                     let mut m: Mailbox =
                         decode(&mk, &v).map_err(ConflictableTransactionError::Abort)?;
-                    let uid = m.uidnext;
-                    m.uidnext += 1;
-                    m.highest_modseq += 1;
-                    let meta = MessageMeta {
-                        uid,
-                        size: raw.len() as u64,
-                        internal_date_ms,
-                        flags: flags.to_vec(),
-                        modseq: m.highest_modseq,
-                        body_id,
-                    };
-                    for (n, c) in raw.chunks(CHUNK).enumerate() {
-                        bodies.insert(chunk_key(&bkey, n as u32), c)?;
+                    let mut out = Vec::with_capacity(items.len());
+                    let mut seen = std::collections::HashSet::new();
+                    for (item, body_id) in items.iter().zip(&body_ids) {
+                        if let Some(k) = item.dedupe_key
+                            && (dd.get(k)?.is_some() || !seen.insert(k))
+                        {
+                            out.push(Ok(None));
+                            continue;
+                        }
+                        let uid = m.uidnext;
+                        m.uidnext += 1;
+                        m.highest_modseq += 1;
+                        let meta = MessageMeta {
+                            uid,
+                            size: item.raw.len() as u64,
+                            internal_date_ms: item.internal_date_ms,
+                            flags: item.flags.to_vec(),
+                            modseq: m.highest_modseq,
+                            body_id: *body_id,
+                        };
+                        let bkey = body_id.to_be_bytes();
+                        for (n, c) in item.raw.chunks(CHUNK).enumerate() {
+                            bodies.insert(chunk_key(&bkey, n as u32), c)?;
+                        }
+                        if item.raw.is_empty() {
+                            bodies.insert(chunk_key(&bkey, 0), &[])?;
+                        }
+                        msgs.insert(msg_key(account, &mailbox, uid), encode(&meta))?;
+                        if let Some(k) = item.dedupe_key {
+                            dd.insert(k, &postrider_queue::now_ms().to_be_bytes())?;
+                        }
+                        out.push(Ok(Some(uid)));
                     }
-                    if raw.is_empty() {
-                        bodies.insert(chunk_key(&bkey, 0), &[])?;
-                    }
-                    msgs.insert(msg_key(account, &mailbox, uid), encode(&meta))?;
                     mb.insert(mk.as_slice(), encode(&m))?;
-                    if let Some(k) = dedupe_key {
-                        dd.insert(k, &postrider_queue::now_ms().to_be_bytes())?;
-                    }
-                    Ok(Some(uid))
+                    Ok(out)
                 },
             ),
         )

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Accept-rate comparison, postrider vs Postfix, on this machine in one run.
+#
+#   bash benches/compare-postfix.sh [MESSAGES] [SESSIONS] [SIZE]     (default 5000 20 2048)
+#
+# Installs Debian's postfix if missing (needs root), configures it for loopback only with local
+# delivery to ~bench/Maildir, starts it, then drives Postfix and postrider with the same
+# smtp-source command (Postfix's own load generator), plus smtp-sink as the protocol ceiling.
+# Every server binds 127.0.0.1 only; every load loop is bounded by MESSAGES.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-5000}
+S=${2:-20}
+L=${3:-2048}
+
+if ! command -v smtp-source >/dev/null 2>&1; then
+  apt-get update -qq
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
+fi
+id bench >/dev/null 2>&1 || useradd -m bench
+[ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
+postconf -e inet_interfaces=loopback-only inet_protocols=ipv4 myhostname=localhost \
+  mydestination=localhost home_mailbox=Maildir/ mynetworks=127.0.0.0/8 \
+  smtpd_tls_security_level=none alias_maps= alias_database= compatibility_level=3.6
+postfix stop >/dev/null 2>&1 || true
+postfix start >/dev/null 2>&1
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/25) 2>/dev/null && break; sleep 0.1; done
+
+cargo build --release -q
+work=$(mktemp -d -p "$PWD/target")
+trap 'kill $PR_PID $SINK_PID 2>/dev/null || true; postfix stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+cat >"$work/postrider.toml" <<EOF
+[server]
+hostname = "localhost"
+data_dir = "$work/data"
+[[listener]]
+name = "smtp"
+kind = "smtp"
+bind = "127.0.0.1:0"
+[domains]
+local = ["localhost"]
+[limits]
+max_connections_per_ip = 1000
+[http]
+bind = "127.0.0.1:0"
+[log]
+level = "warn"
+EOF
+./target/release/postrider serve --config "$work/postrider.toml" >"$work/out" 2>"$work/err" &
+PR_PID=$!
+for _ in $(seq 100); do grep -q '^ready' "$work/out" 2>/dev/null && break; sleep 0.1; done
+PR_ADDR=$(awk '$1=="listening" && $2=="smtp" {print $3}' "$work/out")
+./target/release/postrider user add bench@localhost --password bench --config "$work/postrider.toml" >/dev/null
+
+smtp-sink -u nobody -c 127.0.0.1:2599 1000 >/dev/null 2>&1 &
+SINK_PID=$!
+sleep 0.3
+
+rate() { # label, target
+  local start end
+  start=$(date +%s.%N)
+  smtp-source -c -m "$N" -s "$S" -l "$L" -f load@example.org -t bench@localhost "$2" >/dev/null || echo "smtp-source against $2 failed" >&2
+  end=$(date +%s.%N)
+  awk -v n="$N" -v a="$start" -v b="$end" -v l="$1" 'BEGIN { printf "| %-28s | %8.0f msg/s | %6.2f s |\n", l, n/(b-a), b-a }'
+}
+
+echo "smtp-source -m $N -s $S -l $L, $(nproc) cores, $(date -u +%F)"
+echo "| server                       | accepted     | time     |"
+echo "|------------------------------|--------------|----------|"
+rate "smtp-sink (no disk, ceiling)" 127.0.0.1:2599
+rate "Postfix $(postconf -h mail_version)" 127.0.0.1:25
+rate "postrider" "$PR_ADDR"
+rate "Postfix (again)" 127.0.0.1:25
+rate "postrider (again)" "$PR_ADDR"
