@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Longest a flush waits for writers that are still writing (see [`GroupCommit::writing`]).
-const MAX_GATHER: Duration = Duration::from_millis(1);
+const MAX_GATHER: Duration = Duration::from_micros(500);
 
 /// Marks a writer as busy writing; the next flush waits (briefly) for it to commit.
 pub struct Writing(Arc<AtomicUsize>);
@@ -74,19 +74,17 @@ impl GroupCommit {
             ))
             .spawn(move || {
                 let mut stop = false;
-                let mut last_batch = 1usize;
                 while !stop {
                     let mut batch = Vec::new();
                     match rx.recv() {
                         Ok(Msg::Wait(w)) => batch.push(w),
                         Ok(Msg::Stop) | Err(_) => stop = true,
                     }
-                    // Gather: a leader that flushes the moment the first waiter arrives makes
-                    // batches of one while the other writers are still being woken up or are
-                    // mid-write. So wait, at most MAX_GATHER, until as many waiters as last
-                    // round have arrived and nobody is mid-write; then one flush serves them all.
+                    // Gather: writers that are mid-write right now (between `writing()` and
+                    // `commit`) would otherwise just miss this flush and wait a whole extra
+                    // round. Wait for them, briefly; never wait for writers that have not
+                    // started, so a lone writer pays no delay.
                     let started = Instant::now();
-                    let target = last_batch.max(1);
                     loop {
                         while let Ok(m) = rx.try_recv() {
                             match m {
@@ -94,20 +92,14 @@ impl GroupCommit {
                                 Msg::Stop => stop = true,
                             }
                         }
-                        if stop || (batch.len() >= target && busy.load(Ordering::Acquire) == 0) {
+                        if stop
+                            || busy.load(Ordering::Acquire) == 0
+                            || started.elapsed() > MAX_GATHER
+                        {
                             break;
                         }
-                        let Some(left) = MAX_GATHER.checked_sub(started.elapsed()) else {
-                            break;
-                        };
-                        match rx.recv_timeout(left) {
-                            Ok(Msg::Wait(w)) => batch.push(w),
-                            Ok(Msg::Stop) => stop = true,
-                            Err(mpsc::RecvTimeoutError::Timeout) => {}
-                            Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
-                        }
+                        thread::yield_now();
                     }
-                    last_batch = batch.len();
                     let res = db
                         .flush()
                         .map_err(|e| std::io::Error::other(e.to_string()))
