@@ -110,7 +110,16 @@ fn clean_shutdown_keeps_queued_mail() {
     c.send(b"Subject: keep me\r\n\r\nx\r\n.\r\n");
     assert_eq!(c.reply().0, 250);
     drop(c);
-    let before = s.wait_queue(1);
+    // Wait for the first delivery attempt (remote delivery defers), then stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let q = s.wait_queue(1);
+        if q[0]["recipients"][0]["state"] == "deferred" {
+            break q;
+        }
+        assert!(std::time::Instant::now() < deadline, "never attempted: {q:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert!(s.stop().success(), "SIGTERM exits cleanly");
     s.launch();
     let after = s.wait_queue(1);
