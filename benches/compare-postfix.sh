@@ -89,3 +89,15 @@ rate "Postfix $(postconf -h mail_version)" 127.0.0.1:25
 rate "postrider" "$PR_ADDR"
 rate "Postfix (again)" 127.0.0.1:25
 rate "postrider (again)" "$PR_ADDR"
+
+# The same comparison with postrider's own load generator (persistent sessions, PIPELINING of
+# MAIL/RCPT/DATA, end-of-data latency percentiles).
+cargo bench -q --bench load --no-run 2>/dev/null
+echo
+echo "cargo bench --bench load -- --messages $N --sessions $S --size $L --target ..."
+for t in "Postfix:127.0.0.1:25" "postrider:$PR_ADDR" "Postfix (again):127.0.0.1:25" "postrider (again):$PR_ADDR"; do
+  label=${t%%:*}; addr=${t#*:}
+  printf "%-18s " "$label"
+  cargo bench -q --bench load -- --messages "$N" --sessions "$S" --size "$L" --target "$addr" 2>/dev/null | grep accepted
+  for _ in $(seq 6000); do drained "$label" && break; sleep 0.05; done
+done

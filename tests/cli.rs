@@ -168,3 +168,19 @@ fn metrics_and_health_and_token() {
         other => panic!("API without token: {other:?}"),
     }
 }
+
+#[test]
+fn shipped_configs_are_valid() {
+    let o = bin()
+        .args([
+            "config",
+            "check",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/postrider.container.toml"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -117,7 +117,10 @@ fn clean_shutdown_keeps_queued_mail() {
         if q[0]["recipients"][0]["state"] == "deferred" {
             break q;
         }
-        assert!(std::time::Instant::now() < deadline, "never attempted: {q:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never attempted: {q:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(s.stop().success(), "SIGTERM exits cleanly");
