@@ -44,9 +44,22 @@ pub struct GroupCommit {
     thread: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
 }
 
+/// Writes run on the flusher thread itself, right before the flush that makes them durable.
+pub type Write = Box<dyn FnOnce() -> std::io::Result<()> + Send + 'static>;
+
 enum Msg {
     Wait(Waiter),
+    /// Perform the write, then wait like `Wait` (or fail at once if the write fails).
+    WriteWait(Write, Waiter),
     Stop,
+}
+
+/// Runs a write on the flusher thread; a failed write is answered at once, outside the batch.
+fn run_write(w: Write, waiter: Waiter, batch: &mut Vec<Waiter>) {
+    match w() {
+        Ok(()) => batch.push(waiter),
+        Err(e) => waiter(Err(Arc::new(e))),
+    }
 }
 
 /// Counters for metrics and benchmarks: how well writes are being batched.
@@ -78,6 +91,7 @@ impl GroupCommit {
                     let mut batch = Vec::new();
                     match rx.recv() {
                         Ok(Msg::Wait(w)) => batch.push(w),
+                        Ok(Msg::WriteWait(w, waiter)) => run_write(w, waiter, &mut batch),
                         Ok(Msg::Stop) | Err(_) => stop = true,
                     }
                     // Gather: writers that are mid-write right now (between `writing()` and
@@ -89,6 +103,7 @@ impl GroupCommit {
                         while let Ok(m) = rx.try_recv() {
                             match m {
                                 Msg::Wait(w) => batch.push(w),
+                                Msg::WriteWait(w, waiter) => run_write(w, waiter, &mut batch),
                                 Msg::Stop => stop = true,
                             }
                         }
@@ -136,6 +151,20 @@ impl GroupCommit {
     /// covered by that flush.
     pub fn commit(&self, waiter: Waiter) {
         if let Err(mpsc::SendError(Msg::Wait(w))) = self.tx.send(Msg::Wait(waiter)) {
+            w(Err(Arc::new(std::io::Error::other(
+                "flusher thread has stopped",
+            ))));
+        }
+    }
+
+    /// Hands a write to the flusher thread, which performs it just before its next flush and
+    /// then calls `waiter`. Why: sled's writers block (spin, then park) while the flusher rolls
+    /// its I/O buffer; doing the hot-path writes on the flusher keeps that blocking off the
+    /// async worker threads and removes contention between writers altogether.
+    pub fn write_and_commit(&self, write: Write, waiter: Waiter) {
+        if let Err(mpsc::SendError(Msg::WriteWait(_, w))) =
+            self.tx.send(Msg::WriteWait(write, waiter))
+        {
             w(Err(Arc::new(std::io::Error::other(
                 "flusher thread has stopped",
             ))));

@@ -142,35 +142,41 @@ impl Queue {
         Ok(QueueId(self.inner.db.generate_id()?))
     }
 
-    /// Writes message `id` and calls `done` once it is durable. Returns an error without calling
-    /// `done` when the write itself fails. Concurrent callers share one flush (group commit).
+    /// Writes message `id` and calls `done` once it is durable (or failed). The write itself
+    /// runs on the group-commit thread, batched with everybody else's (see
+    /// [`GroupCommit::write_and_commit`]); the caller never blocks.
     pub fn enqueue_with(
         &self,
         id: QueueId,
         envelope: &Envelope,
-        body: &[u8],
+        body: Vec<u8>,
         done: Waiter,
     ) -> Result<()> {
         let i = &self.inner;
-        let _writing = i.commit.writing();
         let key = id.0.to_be_bytes();
         let env_bytes =
             serde_json::to_vec(envelope).map_err(|source| Error::Corrupt { id, source })?;
-        unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
-            for (n, chunk) in body.chunks(CHUNK).enumerate() {
-                bt.insert(chunk_key(&key, n as u32), chunk)?;
-            }
-            if body.is_empty() {
-                bt.insert(chunk_key(&key, 0), &[])?;
-            }
-            env.insert(&key, env_bytes.as_slice())?;
-            if !envelope.held {
-                due.insert(&due_key(envelope.next_attempt_ms, id), &[])?;
-            }
-            Ok(())
-        }))?;
+        let due_entry = (!envelope.held).then(|| due_key(envelope.next_attempt_ms, id));
+        let (env_t, body_t, due_t) = (i.env.clone(), i.body.clone(), i.due.clone());
+        let write = Box::new(move || {
+            let r: std::result::Result<(), TransactionError<()>> = (&env_t, &body_t, &due_t)
+                .transaction(|(env, bt, due)| {
+                    for (n, chunk) in body.chunks(CHUNK).enumerate() {
+                        bt.insert(chunk_key(&key, n as u32), chunk)?;
+                    }
+                    if body.is_empty() {
+                        bt.insert(chunk_key(&key, 0), &[])?;
+                    }
+                    env.insert(&key, env_bytes.as_slice())?;
+                    if let Some(k) = &due_entry {
+                        due.insert(k, &[])?;
+                    }
+                    Ok(())
+                });
+            r.map_err(|e| std::io::Error::other(format!("queue write failed: {e:?}")))
+        });
         i.depth.fetch_add(1, Ordering::Relaxed);
-        i.commit.commit(done);
+        i.commit.write_and_commit(write, done);
         Ok(())
     }
 
@@ -180,7 +186,7 @@ impl Queue {
         self.enqueue_with(
             id,
             envelope,
-            body,
+            body.to_vec(),
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 const BATCH: usize = 256;
 /// How long a woken, idle runner waits before taking work: a few ms of delivery latency buys
 /// far fewer, larger delivery rounds under load.
-const GATHER: Duration = Duration::from_millis(5);
+const GATHER: Duration = Duration::from_millis(50);
 
 pub struct Runner {
     pub queue: Queue,

@@ -600,7 +600,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
             .enqueue_with(
                 id,
                 &env,
-                &body,
+                body,
                 Box::new(move |r| {
                     let _ = tx.send(r);
                 }),
@@ -614,7 +614,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
         METRICS
             .enqueue_seconds
             .observe(started.elapsed().as_secs_f64());
-        tracing::info!(queue_id = %id, from = %draft.from, rcpts = draft.rcpts.len(), size = body.len(), "queued");
+        tracing::info!(queue_id = %id, from = %draft.from, rcpts = draft.rcpts.len(), size = env.size, "queued");
         self.app.wake.notify_one();
         Ok(id.to_string())
     }
