@@ -131,10 +131,54 @@ impl Queue {
                 depth: AtomicU64::new(0),
             }),
         };
-        let n = q.inner.env.iter().keys().count() as u64;
+        let n = q.repair()?;
         q.inner.depth.store(n, Ordering::Relaxed);
         q.sync()?;
         Ok(q)
+    }
+
+    /// Start-up scan (O(queue), once): removes what an enqueue interrupted by a crash left
+    /// behind. Enqueue writes body, then envelope, then due entry, with plain inserts (see
+    /// [`Queue::enqueue_with`]); a message whose due entry is missing was never acknowledged,
+    /// and body chunks without an envelope belong to no message. Returns the message count.
+    fn repair(&self) -> Result<u64> {
+        let i = &self.inner;
+        let mut n = 0;
+        for kv in i.env.iter() {
+            let (k, v) = kv?;
+            let Ok(raw) = <[u8; 8]>::try_from(&k[..]) else {
+                i.env.remove(&k)?;
+                continue;
+            };
+            let id = QueueId(u64::from_be_bytes(raw));
+            let complete = match decode(id, &v) {
+                Ok(e) => e.held || i.due.contains_key(due_key(e.next_attempt_ms, id))?,
+                Err(_) => false,
+            };
+            if complete {
+                n += 1;
+            } else {
+                tracing::warn!(queue_id = %id, "removing a message whose enqueue was interrupted");
+                i.env.remove(&k)?;
+            }
+        }
+        let mut last: Option<[u8; 8]> = None;
+        let mut orphan = false;
+        for k in i.body.iter().keys() {
+            let k = k?;
+            let Some(prefix) = k.get(..8).and_then(|p| <[u8; 8]>::try_from(p).ok()) else {
+                i.body.remove(&k)?;
+                continue;
+            };
+            if last != Some(prefix) {
+                orphan = !i.env.contains_key(prefix)?;
+                last = Some(prefix);
+            }
+            if orphan {
+                i.body.remove(&k)?;
+            }
+        }
+        Ok(n)
     }
 
     /// A fresh, never reused id (sled's persistent id generator).
@@ -158,22 +202,25 @@ impl Queue {
             serde_json::to_vec(envelope).map_err(|source| Error::Corrupt { id, source })?;
         let due_entry = (!envelope.held).then(|| due_key(envelope.next_attempt_ms, id));
         let (env_t, body_t, due_t) = (i.env.clone(), i.body.clone(), i.due.clone());
+        // Plain inserts, not a sled transaction: every sled transaction or batch seals and
+        // writes the current log buffer (an extra pwrite + sync_file_range per message); plain
+        // inserts ride the group flush. Order body -> envelope -> due entry: a crash leaves a
+        // prefix of these, which `repair` removes at start-up (it was never acknowledged).
         let write = Box::new(move || {
-            let r: std::result::Result<(), TransactionError<()>> = (&env_t, &body_t, &due_t)
-                .transaction(|(env, bt, due)| {
-                    for (n, chunk) in body.chunks(CHUNK).enumerate() {
-                        bt.insert(chunk_key(&key, n as u32), chunk)?;
-                    }
-                    if body.is_empty() {
-                        bt.insert(chunk_key(&key, 0), &[])?;
-                    }
-                    env.insert(&key, env_bytes.as_slice())?;
-                    if let Some(k) = &due_entry {
-                        due.insert(k, &[])?;
-                    }
-                    Ok(())
-                });
-            r.map_err(|e| std::io::Error::other(format!("queue write failed: {e:?}")))
+            let io = |e: sled::Error| std::io::Error::other(format!("queue write failed: {e}"));
+            for (n, chunk) in body.chunks(CHUNK).enumerate() {
+                body_t
+                    .insert(chunk_key(&key, n as u32), chunk)
+                    .map_err(io)?;
+            }
+            if body.is_empty() {
+                body_t.insert(chunk_key(&key, 0), &[]).map_err(io)?;
+            }
+            env_t.insert(key, env_bytes).map_err(io)?;
+            if let Some(k) = due_entry {
+                due_t.insert(k, &[]).map_err(io)?;
+            }
+            Ok(())
         });
         i.depth.fetch_add(1, Ordering::Relaxed);
         i.commit.write_and_commit(write, done);
@@ -240,6 +287,15 @@ impl Queue {
             match i.env.get(id.0.to_be_bytes())? {
                 Some(v) => {
                     let envelope = decode(id, &v)?;
+                    if envelope.next_attempt_ms != t || envelope.held {
+                        // A stale entry (an update interrupted by a crash): the envelope is
+                        // the truth. Drop this key and make sure the right one exists.
+                        i.due.remove(&k)?;
+                        if !envelope.held {
+                            i.due.insert(due_key(envelope.next_attempt_ms, id), &[])?;
+                        }
+                        continue;
+                    }
                     leased.insert(id);
                     out.push(Lease { id, envelope });
                 }
@@ -516,6 +572,61 @@ mod tests {
         assert_eq!(q.body(a).unwrap(), big);
         assert_eq!(q.body(b).unwrap(), b"");
         assert!(a < b);
+    }
+
+    #[test]
+    fn interrupted_enqueue_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, torn);
+        {
+            let q = Queue::open(dir.path()).unwrap();
+            good = q.new_id().unwrap();
+            q.enqueue(good, &env(&["x@l"]), b"kept").unwrap();
+            // What a crash between the envelope and the due entry leaves behind.
+            torn = q.new_id().unwrap();
+            let key = torn.0.to_be_bytes();
+            q.inner
+                .body
+                .insert(chunk_key(&key, 0), &b"torn"[..])
+                .unwrap();
+            q.inner
+                .env
+                .insert(key, serde_json::to_vec(&env(&["y@l"])).unwrap())
+                .unwrap();
+            // And an orphan body chunk.
+            q.inner
+                .body
+                .insert(chunk_key(&999u64.to_be_bytes(), 0), &b"orphan"[..])
+                .unwrap();
+            q.sync().unwrap();
+        }
+        let q = Queue::open(dir.path()).unwrap();
+        assert_eq!(q.counts().messages, 1);
+        assert!(matches!(q.show(torn), Err(Error::NotFound(_))));
+        assert!(q.body(torn).is_err());
+        assert!(q.body(QueueId(999)).is_err());
+        assert_eq!(q.body(good).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn stale_due_entries_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        let id = q.new_id().unwrap();
+        let e = env(&["x@l"]);
+        q.enqueue(id, &e, b"m").unwrap();
+        // A leftover entry at another time (an update interrupted by a crash).
+        q.inner.due.insert(due_key(1, id), &[]).unwrap();
+        let l = q.take_due(now_ms() + 1, 10).unwrap();
+        assert_eq!(l.len(), 1, "handed out once, not twice");
+        let later = now_ms() + 60_000;
+        q.settle(id, &[(0, Outcome::Deferred("4.0.0 later".into()))], later)
+            .unwrap();
+        assert!(
+            q.take_due(now_ms() + 1, 10).unwrap().is_empty(),
+            "no hot retry through the stale key"
+        );
+        assert_eq!(q.take_due(later, 10).unwrap().len(), 1);
     }
 
     #[test]
