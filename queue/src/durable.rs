@@ -203,6 +203,9 @@ struct FileSyncer {
     dir: PathBuf,
     log: File,
     synced_blobs: HashSet<std::ffi::OsString>,
+    /// Modification time of `blobs/` at the last scan, and when that scan began.
+    blobs_mtime: Option<std::time::SystemTime>,
+    scanned_at: std::time::SystemTime,
 }
 
 impl FileSyncer {
@@ -214,6 +217,8 @@ impl FileSyncer {
             dir: dir.to_path_buf(),
             log,
             synced_blobs: HashSet::new(),
+            blobs_mtime: None,
+            scanned_at: std::time::UNIX_EPOCH,
         })
     }
 
@@ -221,6 +226,18 @@ impl FileSyncer {
         self.log.sync_data()?;
         let blobs = self.dir.join("blobs");
         let mut new_blob = false;
+        // One stat per flush; the directory is listed only when it may have changed. Inode
+        // times are coarse (a few ms), so an unchanged mtime proves nothing unless it is well
+        // before the previous scan began.
+        let mtime = std::fs::metadata(&blobs).and_then(|m| m.modified()).ok();
+        if let (Some(m), Some(prev)) = (mtime, self.blobs_mtime)
+            && m == prev
+            && m + Duration::from_millis(50) < self.scanned_at
+        {
+            return Ok(());
+        }
+        self.blobs_mtime = mtime;
+        self.scanned_at = std::time::SystemTime::now();
         if let Ok(entries) = std::fs::read_dir(&blobs) {
             let mut present = HashSet::new();
             for e in entries.flatten() {

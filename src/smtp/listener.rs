@@ -308,8 +308,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
 
     /// Reads more input into `rbuf`, bounded by `timeout`; stops early on shutdown when `idle`.
     async fn read_more(&mut self, timeout: Duration, idle: bool) -> std::io::Result<ReadOutcome> {
-        let mut buf = [0u8; 16 * 1024];
-        let read = tokio::time::timeout(timeout, self.conn.read(&mut buf));
+        // Read straight into the spare capacity of `rbuf` (no zeroed scratch buffer per read).
+        self.rbuf.reserve(16 * 1024);
+        let read = tokio::time::timeout(timeout, self.conn.read_buf(&mut self.rbuf));
         let n = if idle {
             let mut sd = self.shutdown.clone();
             tokio::select! {
@@ -322,10 +323,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
         match n {
             Err(_) => Ok(ReadOutcome::Timeout),
             Ok(Ok(0)) => Ok(ReadOutcome::Eof),
-            Ok(Ok(n)) => {
-                self.rbuf.extend_from_slice(&buf[..n]);
-                Ok(ReadOutcome::Data)
-            }
+            Ok(Ok(_)) => Ok(ReadOutcome::Data),
             Ok(Err(e)) => Err(e),
         }
     }
