@@ -357,7 +357,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
                 };
                 if let Flow::Close = self.perform(session, action).await? {
                     self.flush_out().await?;
-                    let _ = self.conn.shutdown().await;
+                    // TLS needs its close_notify; plain TCP is closed by dropping the socket
+                    // (an explicit shutdown mostly fails with ENOTCONN: the client hung up).
+                    if let Conn::Tls(_) = self.conn {
+                        let _ = self.conn.shutdown().await;
+                    }
                     return Ok(());
                 }
             }
