@@ -33,6 +33,11 @@ struct Inner {
     body: sled::Tree,
     due: sled::Tree,
     leased: Mutex<HashSet<QueueId>>,
+    /// Serialises read-modify-write of envelopes (settle, hold, release, delete, take_due's
+    /// repairs); enqueue needs none (fresh ids).
+    meta: Mutex<()>,
+    /// Bodies of recently enqueued messages, bounded by `HOT_BYTES`.
+    hot: Arc<Mutex<HotBodies>>,
     commit: GroupCommit,
     /// Opened by [`Queue::open`]: the flusher is ours to stop.
     owns_commit: bool,
@@ -42,6 +47,15 @@ struct Inner {
 /// One message's outcomes for [`Queue::settle_many`]: id, per-recipient outcomes, and when
 /// to retry the recipients still pending.
 pub type SettleItem = (QueueId, Vec<(usize, Outcome)>, u64);
+
+/// Memory for bodies kept between enqueue and delivery.
+const HOT_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+struct HotBodies {
+    map: std::collections::HashMap<QueueId, Arc<Vec<u8>>>,
+    bytes: usize,
+}
 
 /// Sizes for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -125,6 +139,8 @@ impl Queue {
                 body: db.open_tree("queue.body")?,
                 due: db.open_tree("queue.due")?,
                 leased: Mutex::new(HashSet::new()),
+                meta: Mutex::new(()),
+                hot: Arc::new(Mutex::new(HotBodies::default())),
                 db,
                 commit,
                 owns_commit,
@@ -201,6 +217,14 @@ impl Queue {
         let env_bytes =
             serde_json::to_vec(envelope).map_err(|source| Error::Corrupt { id, source })?;
         let due_entry = (!envelope.held).then(|| due_key(envelope.next_attempt_ms, id));
+        let body = Arc::new(body);
+        {
+            let mut hot = i.hot.lock().unwrap_or_else(|e| e.into_inner());
+            if hot.bytes + body.len() <= HOT_BYTES {
+                hot.bytes += body.len();
+                hot.map.insert(id, body.clone());
+            }
+        }
         let (env_t, body_t, due_t) = (i.env.clone(), i.body.clone(), i.due.clone());
         // Plain inserts, not a sled transaction: every sled transaction or batch seals and
         // writes the current log buffer (an extra pwrite + sync_file_range per message); plain
@@ -223,6 +247,18 @@ impl Queue {
             Ok(())
         });
         i.depth.fetch_add(1, Ordering::Relaxed);
+        // On failure the message does not exist: drop its cached body. (Captures the cache,
+        // not the queue: a waiter must never own the last handle to the flusher it runs on.)
+        let hot = i.hot.clone();
+        let done: Waiter = Box::new(move |r| {
+            if r.is_err() {
+                let mut h = hot.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(b) = h.map.remove(&id) {
+                    h.bytes -= b.len();
+                }
+            }
+            done(r)
+        });
         i.commit.write_and_commit(write, done);
         Ok(())
     }
@@ -270,6 +306,7 @@ impl Queue {
     /// writes nothing.
     pub fn take_due(&self, now_ms: u64, max: usize) -> Result<Vec<Lease>> {
         let i = &self.inner;
+        let _meta = self.meta_lock();
         let mut out = Vec::new();
         let mut leased = self.leased();
         for kv in i.due.iter().keys() {
@@ -325,8 +362,29 @@ impl Queue {
     /// [`Queue::settle`] for a whole delivery round in one transaction. Outcomes for recipient
     /// indexes that do not exist are ignored (and logged).
     pub fn settle_many(&self, items: &[SettleItem]) -> Result<Vec<Settled>> {
+        let res = self.settle_inner(items);
+        // Leases end even when the write failed: the messages are then due again as before.
+        let mut leased = self.leased();
+        for (id, _, _) in items {
+            leased.remove(id);
+        }
+        drop(leased);
+        let res = res?;
+        for ((id, _, _), r) in items.iter().zip(&res) {
+            // Whatever happened, the next attempt (if any) is far off: free the memory.
+            self.forget_body(*id);
+            if matches!(r, Settled::Done(_)) {
+                self.inner.depth.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(res)
+    }
+
+    /// One transaction for the whole round, under the metadata lock.
+    fn settle_inner(&self, items: &[SettleItem]) -> Result<Vec<Settled>> {
         let i = &self.inner;
-        let res = unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
+        let _meta = self.meta_lock();
+        unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
             let mut out = Vec::with_capacity(items.len());
             for (id, outcomes, retry_at_ms) in items {
                 let (id, key) = (*id, id.0.to_be_bytes());
@@ -373,19 +431,29 @@ impl Queue {
                 out.push(Settled::Requeued(e));
             }
             Ok(out)
-        }));
-        // Leases end even when the write failed: the messages are then due again as before.
-        let mut leased = self.leased();
-        for (id, _, _) in items {
-            leased.remove(id);
+        }))
+    }
+
+    fn meta_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget_body(&self, id: QueueId) {
+        let mut hot = self.inner.hot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = hot.map.remove(&id) {
+            hot.bytes -= b.len();
         }
-        let res = res?;
-        for r in &res {
-            if matches!(r, Settled::Done(_)) {
-                i.depth.fetch_sub(1, Ordering::Relaxed);
-            }
+    }
+
+    /// The body for delivery: from memory when the message was enqueued recently (the common
+    /// case: it is delivered moments later), else from disk.
+    pub fn body_shared(&self, id: QueueId) -> Result<Arc<Vec<u8>>> {
+        let hot = self.inner.hot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = hot.map.get(&id) {
+            return Ok(b.clone());
         }
-        Ok(res)
+        drop(hot);
+        Ok(Arc::new(self.body(id)?))
     }
 
     /// The message body, byte for byte as enqueued.
@@ -454,6 +522,7 @@ impl Queue {
     pub fn delete(&self, id: QueueId) -> Result<Envelope> {
         let i = &self.inner;
         let key = id.0.to_be_bytes();
+        let meta = self.meta_lock();
         let e = unwrap_tx((&i.env, &i.body, &i.due).transaction(|(env, bt, due)| {
             let Some(e) = tx_get_env(env, id)? else {
                 return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
@@ -465,6 +534,8 @@ impl Queue {
             }
             Ok(e)
         }))?;
+        drop(meta);
+        self.forget_body(id);
         i.depth.fetch_sub(1, Ordering::Relaxed);
         self.sync()?;
         Ok(e)
@@ -476,6 +547,7 @@ impl Queue {
         f: impl Fn(&mut Envelope, &TransactionalTree) -> TxResult<()>,
     ) -> Result<()> {
         let i = &self.inner;
+        let meta = self.meta_lock();
         unwrap_tx((&i.env, &i.due).transaction(|(env, due)| {
             let Some(mut e) = tx_get_env(env, id)? else {
                 return Err(ConflictableTransactionError::Abort(Error::NotFound(id)));
@@ -483,6 +555,7 @@ impl Queue {
             f(&mut e, due)?;
             tx_put_env(env, id, &e)
         }))?;
+        drop(meta);
         self.sync()
     }
 
@@ -521,6 +594,7 @@ mod tests {
             "leased twice"
         );
         assert_eq!(q.body(id).unwrap(), b"hello");
+        assert_eq!(q.body_shared(id).unwrap().as_slice(), b"hello");
         let later = now_ms() + 60_000;
         let s = q
             .settle(
@@ -570,6 +644,7 @@ mod tests {
         let l = q.take_due(now_ms() + 1, 10).unwrap();
         assert_eq!(l.len(), 2, "crashed leases must come back");
         assert_eq!(q.body(a).unwrap(), big);
+        assert_eq!(*q.body_shared(a).unwrap(), big, "from disk after reopen");
         assert_eq!(q.body(b).unwrap(), b"");
         assert!(a < b);
     }

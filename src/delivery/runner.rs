@@ -76,8 +76,8 @@ impl Runner {
         let mut envs = HashMap::new();
         for lease in leases {
             let id = lease.id;
-            let body = match self.queue.body(id) {
-                Ok(b) => Arc::new(b),
+            let body = match self.queue.body_shared(id) {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "message body unreadable");
                     let o: Vec<_> = lease
