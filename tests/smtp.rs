@@ -508,3 +508,67 @@ fn shutdown_answers_421_to_idle_sessions() {
     assert_eq!(code, 421, "{text}");
     assert!(text.contains("4.3.2"), "{text}");
 }
+
+#[test]
+fn configured_certificate_and_ipv6_listener() {
+    // First run generates a self-signed pair; a second server is configured with it as [tls].
+    let first = Server::start();
+    let data = first.dir.path().join("data");
+    let (cert, key) = (
+        data.join("selfsigned-cert.pem"),
+        data.join("selfsigned-key.pem"),
+    );
+    assert!(cert.exists() && key.exists());
+    let extra = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[listener]]\nname = \"smtp6\"\nkind = \"smtp\"\nbind = \"[::1]:0\"\n",
+        cert.display(),
+        key.display()
+    );
+    // [tls] and [[listener]] must come before the [limits] table the harness appends to: use
+    // a config of our own.
+    let dir = tempfile::tempdir().unwrap();
+    let text = common::config_text(&dir.path().join("data"), "", "", "")
+        .replace("[domains]", &format!("{extra}\n[domains]"));
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postrider"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut ports = std::collections::HashMap::new();
+    for line in std::io::BufRead::lines(out) {
+        let line = line.unwrap();
+        if line == "ready" {
+            break;
+        }
+        let p: Vec<&str> = line.split(' ').collect();
+        ports.insert(p[1].to_string(), p[2].to_string());
+    }
+    let v6: std::net::SocketAddr = ports["smtp6"].parse().unwrap();
+    assert!(v6.is_ipv6());
+    let result = python(
+        r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP('::1', int(os.environ['PORT'])) as c:
+    c.starttls(context=ctx)
+    der = c.sock.getpeercert(binary_form=True)
+    print(len(der) > 100)
+    c.ehlo()
+    print(c.noop()[0])
+"#,
+        &[("PORT", v6.port().to_string())],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        result.split_whitespace().collect::<Vec<_>>(),
+        ["True", "250"]
+    );
+    // It served the configured pair: nothing was generated in its own data directory.
+    assert!(!dir.path().join("data/selfsigned-cert.pem").exists());
+}
