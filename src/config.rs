@@ -401,10 +401,14 @@ impl Config {
                 e.push(format!("domains.local[{i}]: not a valid domain: {d:?}"));
             }
         }
-        if let Some(p) = &self.domains.postmaster
-            && crate::smtp::proto::parse_address(p).is_err()
-        {
-            e.push(format!("domains.postmaster: not an address: {p:?}"));
+        if let Some(p) = &self.domains.postmaster {
+            match crate::smtp::proto::parse_address(p) {
+                Err(_) => e.push(format!("domains.postmaster: not an address: {p:?}")),
+                Ok(a) if !self.domains.is_local(&a.domain) => e.push(format!(
+                    "domains.postmaster: {p:?} is not in a local domain (it must be a local account)"
+                )),
+                Ok(_) => {}
+            }
         }
         if self.limits.max_message_size < 1024 {
             e.push("limits.max_message_size: must be at least 1024".into());
