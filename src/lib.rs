@@ -15,6 +15,7 @@ pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod smtp;
 pub mod store;

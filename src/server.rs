@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::delivery::local::LocalDelivery;
 use crate::delivery::runner::Runner;
-use crate::smtp::listener::{self, ConnLimits, StoreDirectory, tokio_util_tasks::Tracker};
+use crate::net::{ConnLimits, tokio_util_tasks::Tracker};
+use crate::smtp::listener::{self, StoreDirectory};
 use crate::store::Store;
 use postrider_queue::Queue;
 use postrider_queue::schedule::RetryPolicy;
