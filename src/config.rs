@@ -30,6 +30,13 @@ kind = "submission"
 bind = "127.0.0.1:2587"
 allow_plaintext_auth = true
 
+# POP3 for mail clients (USER/PASS allowed here because the listener is on loopback).
+[[listener]]
+name = "pop3"
+kind = "pop3"
+bind = "127.0.0.1:2110"
+allow_plaintext_auth = true
+
 # [[listener]]
 # name = "submissions"
 # kind = "submissions"    # port 465 role: implicit TLS
@@ -112,6 +119,16 @@ pub enum ListenerKind {
     Submission,
     /// Port 465 role (RFC 8314): implicit TLS, AUTH before MAIL.
     Submissions,
+    /// POP3 (port 110 role, RFC 1939) with STLS.
+    Pop3,
+    /// POP3 over implicit TLS (port 995 role, RFC 8314).
+    Pop3s,
+}
+
+impl ListenerKind {
+    pub fn is_pop3(self) -> bool {
+        matches!(self, ListenerKind::Pop3 | ListenerKind::Pop3s)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -553,7 +570,7 @@ mod tests {
     #[test]
     fn embedded_default_parses() {
         let c = Config::default_config();
-        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners.len(), 3);
         assert!(c.domains.is_local("LOCALHOST"));
         assert_eq!(c.domains.postmaster_account(), "postmaster@localhost");
         assert_eq!(c.limits.command_timeout, Duration::from_secs(300));

@@ -33,6 +33,23 @@ pub struct Metrics {
     pub local_deliveries: IntCounterVec,
     /// Flushes performed by the queue's group commit.
     pub queue_flushes: IntCounter,
+    /// POP3 sessions accepted, by listener name.
+    pub pop3_sessions: IntCounterVec,
+    /// POP3 logins by result (`success`, `failure`, `in_use`, `blocked`).
+    pub pop3_logins: IntCounterVec,
+    /// Messages sent by RETR (TOP not counted).
+    pub pop3_retrieved: IntCounter,
+    /// Messages removed in the UPDATE state.
+    pub pop3_deleted: IntCounter,
+    /// Octets of message data sent (RETR and TOP, after byte-stuffing).
+    pub pop3_bytes_sent: IntCounter,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -129,6 +146,33 @@ impl Metrics {
                 &["result"],
             ),
             queue_flushes,
+            pop3_sessions: counter_vec(
+                &r,
+                "postrider_pop3_sessions_total",
+                "POP3 sessions",
+                &["listener"],
+            ),
+            pop3_logins: counter_vec(
+                &r,
+                "postrider_pop3_logins_total",
+                "POP3 logins",
+                &["result"],
+            ),
+            pop3_retrieved: counter(
+                &r,
+                "postrider_pop3_retrieved_total",
+                "Messages retrieved over POP3",
+            ),
+            pop3_deleted: counter(
+                &r,
+                "postrider_pop3_deleted_total",
+                "Messages deleted over POP3",
+            ),
+            pop3_bytes_sent: counter(
+                &r,
+                "postrider_pop3_bytes_sent_total",
+                "Message octets sent over POP3",
+            ),
             registry: r,
         }
     }

@@ -25,11 +25,18 @@ pub struct App {
     pub admin_token: String,
     /// Failed AUTH attempts per client IP (governor; pruned by `maintenance`).
     pub auth_failures: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    /// Accounts with an open POP3 session (one per maildrop, RFC 1939 §8).
+    pub pop3_locked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl App {
     pub fn directory(self: &Arc<Self>) -> StoreDirectory {
         StoreDirectory { app: self.clone() }
+    }
+
+    pub fn pop3_locks(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // Poisoning only means a panic elsewhere while holding it; the set stays valid.
+        self.pop3_locked.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -106,6 +113,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         store: store.clone(),
         tls,
         wake: Arc::new(Notify::new()),
+        pop3_locked: Default::default(),
         auth_failures: governor::RateLimiter::keyed(governor::Quota::per_minute(
             std::num::NonZeroU32::new(cfg.limits.auth_failures_per_minute)
                 .unwrap_or(std::num::NonZeroU32::MIN),
@@ -154,14 +162,19 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     }
     let mut accept_loops = Vec::new();
     for (l, sock) in bound {
-        accept_loops.push(tokio::spawn(listener::serve(
+        let (app, limits, sd, tasks) = (
             app.clone(),
-            l,
-            sock,
             limits.clone(),
             shutdown_rx.clone(),
             tasks.clone(),
-        )));
+        );
+        accept_loops.push(if l.kind.is_pop3() {
+            tokio::spawn(crate::pop3::listener::serve(
+                app, l, sock, limits, sd, tasks,
+            ))
+        } else {
+            tokio::spawn(listener::serve(app, l, sock, limits, sd, tasks))
+        });
     }
     let local = Arc::new(LocalDelivery {
         store: store.clone(),

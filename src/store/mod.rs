@@ -517,6 +517,48 @@ impl Store {
         read_chunked(&self.bodies, &m.body_id.to_be_bytes())?.ok_or(StoreError::NoMessage(uid))
     }
 
+    /// Removes messages by UID (POP3 UPDATE state, IMAP EXPUNGE) in one transaction, bumping
+    /// HIGHESTMODSEQ so other sessions notice; returns how many messages remain. UIDs that are
+    /// already gone are ignored. Durable on return.
+    pub fn expunge(&self, account: &str, mailbox: &str, uids: &[u32]) -> Result<usize> {
+        let mailbox = mailbox_name(mailbox);
+        let mk = mbox_key(account, &mailbox);
+        let removed: Vec<MessageMeta> =
+            unwrap_tx((&self.mailboxes, &self.messages).transaction(|(mb, msgs)| {
+                let Some(v) = mb.get(&mk)? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::NoMailbox(
+                        mailbox.clone(),
+                    )));
+                };
+                let mut m: Mailbox =
+                    decode(&mk, &v).map_err(ConflictableTransactionError::Abort)?;
+                let mut gone = Vec::new();
+                for uid in uids {
+                    if let Some(old) = msgs.remove(msg_key(account, &mailbox, *uid))? {
+                        gone.push(
+                            decode::<MessageMeta>(&mk, &old)
+                                .map_err(ConflictableTransactionError::Abort)?,
+                        );
+                    }
+                }
+                if !gone.is_empty() {
+                    m.highest_modseq += 1;
+                    mb.insert(mk.as_slice(), encode(&m))?;
+                }
+                Ok(gone)
+            }))?;
+        // Bodies after the records: a crash in between leaves unreferenced chunks, never a
+        // record without its body.
+        for m in &removed {
+            self.remove_body(m.body_id, m.size)?;
+        }
+        self.sync()?;
+        Ok(self
+            .messages
+            .scan_prefix(msg_prefix(account, &mailbox))
+            .count())
+    }
+
     /// Forgets delivery keys older than `max_age_ms` (they only guard against crash replays).
     pub fn prune_dedupe(&self, max_age_ms: u64) -> Result<usize> {
         let cutoff = postrider_queue::now_ms().saturating_sub(max_age_ms);

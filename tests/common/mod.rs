@@ -46,6 +46,22 @@ name = "submissions"
 kind = "submissions"
 bind = "127.0.0.1:0"
 
+[[listener]]
+name = "pop3"
+kind = "pop3"
+bind = "127.0.0.1:0"
+allow_plaintext_auth = true
+
+[[listener]]
+name = "pop3-strict"
+kind = "pop3"
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "pop3s"
+kind = "pop3s"
+bind = "127.0.0.1:0"
+
 [domains]
 local = ["local.test", "localhost"]
 postmaster = "admin@local.test"
