@@ -303,3 +303,57 @@ fn curl_fetches_over_pop3() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 3);
 }
+
+/// A real POP3 client from Debian. `.ci/run` installs fetchmail; a developer machine without it
+/// skips this test with a message (CI never skips it).
+#[test]
+fn fetchmail_downloads_and_keeps() {
+    if std::process::Command::new("fetchmail")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "fetchmail missing in CI");
+        eprintln!("SKIPPED: fetchmail is not installed (apt-get install fetchmail)");
+        return;
+    }
+    let s = server_with_mail();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.mbox");
+    let rc = dir.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "poll 127.0.0.1 protocol pop3 port {}\n  user \"alice@local.test\" password \"pw\" keep sslproto '' mda \"tee -a {}\"\n",
+            s.port("pop3").port(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = std::process::Command::new("fetchmail")
+        .arg("-f")
+        .arg(&rc)
+        .args(["--nosyslog", "--nodetach", "--pidfile"])
+        .arg(dir.path().join("pid"))
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "fetchmail failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let got = std::fs::read_to_string(&out).unwrap();
+    for subject in ["Subject: one", "Subject: two", "Subject: three"] {
+        assert!(got.contains(subject), "{got}");
+    }
+    // fetchmail hands the MDA LF line ends; the dots must be exactly as sent.
+    assert!(
+        got.contains("\n.starts with a dot\n..two dots\n.\nend"),
+        "byte-stuffing undone: {got}"
+    );
+    // `keep`: nothing was deleted.
+    assert_eq!(s.mailbox("alice@local.test").len(), 3);
+}
