@@ -272,12 +272,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PopIo<S> {
                         self.line("-ERR [SYS/PERM] No maildrop");
                         continue;
                     };
-                    let store = self.app.store.clone();
-                    let raw = tokio::task::spawn_blocking(move || {
-                        store.message_raw(&account, "INBOX", uid)
-                    })
-                    .await
-                    .map_err(std::io::Error::other)?;
+                    // Inline: a read from sled's cache takes microseconds, far less than a
+                    // hand-off to the blocking pool per message.
+                    let raw = self.app.store.message_raw(&account, "INBOX", uid);
                     match raw {
                         Ok(raw) => {
                             self.line(&status);
@@ -313,43 +310,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PopIo<S> {
         Ok(Flow::Continue)
     }
 
-    /// Writes the message dot-stuffed, in pieces (never the whole stuffed copy at once).
+    /// Appends the message dot-stuffed to the output, writing out whenever a piece of
+    /// `SEND_PIECE` has accumulated (a large message is never held stuffed in full). Small
+    /// messages stay buffered so pipelined RETRs go out in few writes.
     async fn send_stuffed(&mut self, raw: &[u8], top: Option<u32>) -> std::io::Result<()> {
+        let before = self.out.len();
         if top.is_some() {
             write_stuffed(&mut self.out, raw, top);
-            METRICS.pop3_bytes_sent.inc_by(self.out.len() as u64);
-            return self.flush_out().await;
-        }
-        let mut rest = raw;
-        while !rest.is_empty() {
-            // Cut after a line end so stuffing decisions stay per line.
-            let cut = if rest.len() <= SEND_PIECE {
-                rest.len()
-            } else {
-                rest[..SEND_PIECE]
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(SEND_PIECE, |p| p + 1)
-            };
-            let piece = &rest[..cut];
-            rest = &rest[cut..];
-            let before = self.out.len();
-            for line in piece.split_inclusive(|&b| b == b'\n') {
-                if line.first() == Some(&b'.') {
-                    self.out.push(b'.');
-                }
-                self.out.extend_from_slice(line);
-            }
-            if rest.is_empty() && !piece.ends_with(b"\n") {
-                self.out.extend_from_slice(b"\r\n");
-            }
             METRICS
                 .pop3_bytes_sent
                 .inc_by((self.out.len() - before) as u64);
-            self.flush_out().await?;
+            return Ok(());
+        }
+        let mut sent = 0;
+        for line in raw.split_inclusive(|&b| b == b'\n') {
+            if line.first() == Some(&b'.') {
+                self.out.push(b'.');
+            }
+            self.out.extend_from_slice(line);
+            if self.out.len() >= SEND_PIECE {
+                sent += self.out.len();
+                self.flush_out().await?;
+            }
+        }
+        if !raw.is_empty() && !raw.ends_with(b"\n") {
+            self.out.extend_from_slice(b"\r\n");
         }
         self.out.extend_from_slice(b".\r\n");
-        self.flush_out().await
+        METRICS
+            .pop3_bytes_sent
+            .inc_by((sent + self.out.len()).saturating_sub(before) as u64);
+        Ok(())
     }
 
     async fn login(
