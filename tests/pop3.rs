@@ -357,3 +357,44 @@ fn fetchmail_downloads_and_keeps() {
     // `keep`: nothing was deleted.
     assert_eq!(s.mailbox("alice@local.test").len(), 3);
 }
+
+#[test]
+fn auth_plain_login_and_a_large_message_byte_exact() {
+    let s = server_with_mail();
+    // A 3 MiB message with dot-leading lines throughout: sent over SMTP, read back over POP3.
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0u32;
+    while big.len() < 3 << 20 {
+        big.extend_from_slice(format!(".line {i} {}\r\n", "x".repeat(60)).as_bytes());
+        i += 1;
+    }
+    let mut c = Smtp::connect(s.port("smtp"));
+    assert_eq!(c.cmd("EHLO x"), 250);
+    assert_eq!(c.cmd("MAIL FROM:<bob@example.org>"), 250);
+    assert_eq!(c.cmd("RCPT TO:<alice@local.test>"), 250);
+    c.send(format!("BDAT {} LAST\r\n", big.len()).as_bytes());
+    c.send(&big);
+    assert_eq!(c.reply().0, 250);
+    s.wait_mailbox("alice@local.test", 4);
+    let stored = s.message("alice@local.test", 4);
+    assert!(stored.ends_with(&big));
+    let dir = tempfile::tempdir().unwrap();
+    let got_path = dir.path().join("retr.eml");
+    python(
+        r#"
+import os, poplib, base64
+p = poplib.POP3('127.0.0.1', int(os.environ['PORT']))
+# AUTH PLAIN with an initial response (RFC 5034).
+resp = p._shortcmd('AUTH PLAIN ' + base64.b64encode(b'\0alice@local.test\0pw').decode())
+assert resp.startswith(b'+OK'), resp
+resp, lines, octets = p.retr(4)
+open(os.environ['OUT'], 'wb').write(b'\r\n'.join(lines) + b'\r\n')
+p.quit()
+"#,
+        &[port(&s, "pop3"), ("OUT", got_path.display().to_string())],
+    );
+    assert!(
+        std::fs::read(&got_path).unwrap() == stored,
+        "RETR differs from the stored message"
+    );
+}
