@@ -14,8 +14,9 @@ pub struct Metrics {
     pub smtp_connections: IntCounterVec,
     /// SMTP sessions currently open, by listener name.
     pub smtp_sessions_active: IntGaugeVec,
-    /// Connections refused before the greeting, by reason (`max_connections`, `per_ip`).
-    pub smtp_connections_refused: IntCounterVec,
+    /// Connections refused before the greeting, by listener and reason (`max_connections`,
+    /// `per_ip`).
+    pub connections_refused: IntCounterVec,
     /// Messages accepted (250 after DATA/BDAT), by listener name.
     pub messages_accepted: IntCounterVec,
     /// Messages or recipients refused, by reason (`unknown_user`, `relay_denied`, `too_big`,
@@ -107,11 +108,11 @@ impl Metrics {
                 "SMTP sessions open",
                 &["listener"],
             ),
-            smtp_connections_refused: counter_vec(
+            connections_refused: counter_vec(
                 &r,
-                "postrider_smtp_connections_refused_total",
-                "SMTP connections refused at connect",
-                &["reason"],
+                "postrider_connections_refused_total",
+                "Connections refused at connect",
+                &["listener", "reason"],
             ),
             messages_accepted: counter_vec(
                 &r,

@@ -6,8 +6,66 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+/// An admitted connection; `guard` holds its admission slots for as long as it lives.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: std::net::SocketAddr,
+    pub guard: ConnGuard,
+}
+
+/// Accepts connections until shutdown. Connections over the limits get `refusal` (the
+/// protocol's "try later" line) and are closed; admitted ones go to `on_conn`.
+pub async fn accept_loop(
+    name: &str,
+    listener: TcpListener,
+    limits: Arc<ConnLimits>,
+    mut shutdown: watch::Receiver<bool>,
+    refusal: &'static [u8],
+    mut on_conn: impl FnMut(Accepted),
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning (as mini-redis does).
+                    tracing::warn!(error = %e, listener = %name, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        match limits.admit(peer.ip()) {
+            Ok(guard) => {
+                let _ = stream.set_nodelay(true);
+                on_conn(Accepted {
+                    stream,
+                    peer,
+                    guard,
+                });
+            }
+            Err(reason) => {
+                crate::metrics::METRICS
+                    .connections_refused
+                    .with_label_values(&[name, reason])
+                    .inc();
+                let mut s = stream;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        s.write_all(refusal),
+                    )
+                    .await;
+                });
+            }
+        }
+    }
+}
 
 /// A plaintext or TLS connection; STARTTLS turns the one into the other.
 pub enum Conn<S> {

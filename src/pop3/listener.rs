@@ -5,7 +5,7 @@ use super::proto::{MAX_AUTH_LINE, MAX_LINE, write_stuffed};
 use super::session::{Action, Maildrop, MsgInfo, Pop3Config, Session};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::metrics::METRICS;
-use crate::net::{Conn, ConnLimits, tokio_util_tasks};
+use crate::net::{Conn, ConnLimits, accept_loop, tokio_util_tasks};
 use crate::server::App;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,53 +38,26 @@ pub async fn serve(
     lcfg: ListenerConfig,
     listener: TcpListener,
     limits: Arc<ConnLimits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     tasks: tokio_util_tasks::Tracker,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = %lcfg.name, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let guard = match limits.admit(peer.ip()) {
-            Ok(g) => g,
-            Err(reason) => {
-                METRICS
-                    .smtp_connections_refused
-                    .with_label_values(&[reason])
-                    .inc();
-                let mut s = stream;
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        s.write_all(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"),
-                    )
-                    .await;
-                });
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    let name = lcfg.name.clone();
+    let refusal = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n";
+    accept_loop(&name, listener, limits, shutdown.clone(), refusal, |a| {
         METRICS.pop3_sessions.with_label_values(&[&lcfg.name]).inc();
         let (app, lcfg, shutdown) = (app.clone(), lcfg.clone(), shutdown.clone());
-        let span = tracing::info_span!("pop3", listener = %lcfg.name, client = %peer);
+        let span = tracing::info_span!("pop3", listener = %lcfg.name, client = %a.peer);
         tasks.spawn(
             async move {
-                let _guard = guard;
-                if let Err(e) = handle(app, &lcfg, stream, peer, shutdown).await {
+                let _guard = a.guard;
+                if let Err(e) = handle(app, &lcfg, a.stream, a.peer, shutdown).await {
                     tracing::debug!(error = %e, "POP3 session ended with an I/O error");
                 }
             }
             .instrument(span),
         );
-    }
+    })
+    .await;
 }
 
 async fn handle(

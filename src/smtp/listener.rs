@@ -6,7 +6,7 @@ use super::proto::{DataProgress, DataReader, MAX_COMMAND_LINE, Reply};
 use super::session::{Action, ClientInfo, Directory, Draft, Session, SessionConfig};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::metrics::METRICS;
-use crate::net::{Conn, ConnLimits, tokio_util_tasks};
+use crate::net::{Conn, ConnLimits, accept_loop, tokio_util_tasks};
 use crate::server::App;
 use postrider_queue::{Envelope, Recipient};
 use std::net::SocketAddr;
@@ -28,65 +28,34 @@ pub async fn serve(
     lcfg: ListenerConfig,
     listener: TcpListener,
     limits: Arc<ConnLimits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     tasks: tokio_util_tasks::Tracker,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning (mini-redis does the same).
-                    tracing::warn!(error = %e, listener = %lcfg.name, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let guard = match limits.admit(peer.ip()) {
-            Ok(g) => g,
-            Err(reason) => {
-                METRICS
-                    .smtp_connections_refused
-                    .with_label_values(&[reason])
-                    .inc();
-                let mut s = stream;
-                let reply = Reply::new(421, "4.7.0", "Too many connections, try again later");
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        s.write_all(&reply.to_bytes()),
-                    )
-                    .await;
-                });
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    let name = lcfg.name.clone();
+    let refusal = b"421 4.7.0 Too many connections, try again later\r\n";
+    accept_loop(&name, listener, limits, shutdown.clone(), refusal, |a| {
         METRICS
             .smtp_connections
             .with_label_values(&[&lcfg.name])
             .inc();
-        let app = app.clone();
-        let lcfg = lcfg.clone();
-        let shutdown = shutdown.clone();
-        let span = tracing::info_span!("smtp", listener = %lcfg.name, client = %peer);
+        let (app, lcfg, shutdown) = (app.clone(), lcfg.clone(), shutdown.clone());
+        let span = tracing::info_span!("smtp", listener = %lcfg.name, client = %a.peer);
         tasks.spawn(
             async move {
-                let _guard = guard;
+                let _guard = a.guard;
                 let active = METRICS
                     .smtp_sessions_active
                     .with_label_values(&[&lcfg.name]);
                 active.inc();
-                if let Err(e) = handle(app, &lcfg, stream, peer, shutdown).await {
+                if let Err(e) = handle(app, &lcfg, a.stream, a.peer, shutdown).await {
                     tracing::debug!(error = %e, "session ended with an I/O error");
                 }
                 active.dec();
             }
             .instrument(span),
         );
-    }
+    })
+    .await;
 }
 
 async fn handle(
