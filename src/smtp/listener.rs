@@ -190,6 +190,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
         }
     }
 
+    /// Reads more of a DATA/BDAT stream (`limits.data_timeout` per read; shutdown waits for
+    /// it). `false`: the session must end (EOF, or timeout after a 421).
+    async fn read_message_data(&mut self, session: &Session<'_>) -> std::io::Result<bool> {
+        match self
+            .read_more(self.app.cfg.limits.data_timeout, false)
+            .await?
+        {
+            ReadOutcome::Data => Ok(true),
+            ReadOutcome::Eof => Ok(false),
+            ReadOutcome::Timeout | ReadOutcome::Shutdown => {
+                self.push(&session.timeout_reply());
+                Ok(false)
+            }
+        }
+    }
+
     async fn run(&mut self, session: &mut Session<'_>) -> std::io::Result<()> {
         let greeting = session.greeting();
         self.push(&greeting);
@@ -318,16 +334,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
                             ));
                             return Ok(Flow::Close);
                         }
-                        match self
-                            .read_more(self.app.cfg.limits.data_timeout, false)
-                            .await?
-                        {
-                            ReadOutcome::Data => {}
-                            ReadOutcome::Eof => return Ok(Flow::Close),
-                            ReadOutcome::Timeout | ReadOutcome::Shutdown => {
-                                self.push(&session.timeout_reply());
-                                return Ok(Flow::Close);
-                            }
+                        if !self.read_message_data(session).await? {
+                            return Ok(Flow::Close);
                         }
                     }
                     next = Some(session.data_done(reader.finish()));
@@ -345,16 +353,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
                         if remaining == 0 {
                             break;
                         }
-                        match self
-                            .read_more(self.app.cfg.limits.data_timeout, false)
-                            .await?
-                        {
-                            ReadOutcome::Data => {}
-                            ReadOutcome::Eof => return Ok(Flow::Close),
-                            ReadOutcome::Timeout | ReadOutcome::Shutdown => {
-                                self.push(&session.timeout_reply());
-                                return Ok(Flow::Close);
-                            }
+                        if !self.read_message_data(session).await? {
+                            return Ok(Flow::Close);
                         }
                     }
                     next = Some(session.bdat_done(data, last));
