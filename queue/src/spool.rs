@@ -41,7 +41,7 @@ struct Inner {
     commit: GroupCommit,
     /// Opened by [`Queue::open`]: the flusher is ours to stop.
     owns_commit: bool,
-    depth: AtomicU64,
+    depth: Arc<AtomicU64>,
 }
 
 /// One message's outcomes for [`Queue::settle_many`]: id, per-recipient outcomes, and when
@@ -144,7 +144,7 @@ impl Queue {
                 db,
                 commit,
                 owns_commit,
-                depth: AtomicU64::new(0),
+                depth: Arc::new(AtomicU64::new(0)),
             }),
         };
         let n = q.repair()?;
@@ -250,8 +250,10 @@ impl Queue {
         // On failure the message does not exist: drop its cached body. (Captures the cache,
         // not the queue: a waiter must never own the last handle to the flusher it runs on.)
         let hot = i.hot.clone();
+        let depth = i.depth.clone();
         let done: Waiter = Box::new(move |r| {
             if r.is_err() {
+                depth.fetch_sub(1, Ordering::Relaxed);
                 let mut h = hot.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(b) = h.map.remove(&id) {
                     h.bytes -= b.len();
