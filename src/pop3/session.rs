@@ -509,6 +509,75 @@ mod tests {
     }
 
     #[test]
+    fn random_input_never_panics() {
+        let pieces: &[&[u8]] = &[
+            b"USER a@x",
+            b"PASS ",
+            b"STAT",
+            b"LIST",
+            b"RETR ",
+            b"DELE ",
+            b"TOP ",
+            b"UIDL",
+            b"1",
+            b"0",
+            b"4294967295",
+            b"99999999999",
+            b" ",
+            b"AUTH PLAIN",
+            b"*",
+            b"=",
+            b"\x00",
+            b"\xff",
+            b"STLS",
+            b"RSET",
+            b"QUIT",
+            b"NOOP",
+            b"CAPA",
+            b"APOP",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..300 {
+            let mut s = Session::new(
+                Pop3Config {
+                    hostname: "h".into(),
+                    tls_available: true,
+                    plaintext_auth_ok: next() % 2 == 0,
+                    max_bad_commands: 1000,
+                },
+                false,
+            );
+            for _ in 0..40 {
+                let mut line = Vec::new();
+                for _ in 0..(next() % 4) {
+                    line.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+                match s.command(&line) {
+                    Action::CheckAuth { .. } => {
+                        let _ = if next() % 2 == 0 {
+                            s.login(drop3())
+                        } else {
+                            s.auth_failed()
+                        };
+                    }
+                    Action::StartTls(_) => s.tls_started(),
+                    Action::Update { .. } => {
+                        let _ = s.updated(Ok(0));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
     fn errors_pile_up_to_a_close() {
         let mut s = session(true);
         for _ in 0..9 {

@@ -869,6 +869,91 @@ mod tests {
         assert_eq!(code(s.command(b"RCPT TO:<alice@local.test>")), 503);
     }
 
+    /// Whatever arrives, the session answers with a reply or an action; it never panics.
+    /// Lines are built from command fragments and hostile bytes (NUL, 8-bit, CR, '<', '>').
+    #[test]
+    fn random_input_never_panics() {
+        let d = Dir;
+        let pieces: &[&[u8]] = &[
+            b"EHLO x",
+            b"HELO",
+            b"MAIL FROM:",
+            b"RCPT TO:",
+            b"<",
+            b">",
+            b"@",
+            b"local.test",
+            b"postmaster",
+            b"DATA",
+            b"BDAT ",
+            b"LAST",
+            b"AUTH PLAIN",
+            b"AUTH LOGIN",
+            b"=",
+            b"*",
+            b"STARTTLS",
+            b"RSET",
+            b"SIZE=",
+            b"99999999999999999999",
+            b"SMTPUTF8",
+            b"\xc3\xa9",
+            b"\xff",
+            b"\x00",
+            b"\r",
+            b" ",
+            b"NOTIFY=",
+            b"ORCPT=rfc822;",
+            b"+2B",
+            b"\"",
+            b"[IPv6:",
+            b"QUIT",
+            b"NOOP",
+            b"VRFY",
+            b"AGFsaWNlAHNlY3JldA==",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for kind in [ListenerKind::Smtp, ListenerKind::Submission] {
+            for _ in 0..300 {
+                let mut c = cfg(kind);
+                c.max_bad_commands = 1000;
+                let mut s = Session::new(c, client(next() % 2 == 0, next() % 2 == 0), &d);
+                for _ in 0..40 {
+                    let mut line = Vec::new();
+                    for _ in 0..(next() % 6) {
+                        line.extend_from_slice(pieces[(next() % pieces.len() as u64) as usize]);
+                    }
+                    match s.command(&line) {
+                        Action::ReadData { .. } => {
+                            let _ = s.data_done(Ok(line.clone()));
+                        }
+                        Action::ReadBdat { last, keep, .. } => {
+                            let _ = s.bdat_done(keep.then(|| line.clone()), last);
+                        }
+                        Action::CheckAuth { user, .. } => {
+                            let _ = s.auth_result(&user, next() % 2 == 0);
+                        }
+                        Action::Deliver(_) => {
+                            let _ = s.queued(Ok("Q".into()));
+                        }
+                        Action::StartTls(_) => s.tls_started(TlsInfo {
+                            version: "TLSv1.3".into(),
+                            cipher: "X".into(),
+                        }),
+                        Action::Reply(r) | Action::Close(r) => {
+                            assert!((200..600).contains(&r.code), "{r:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn loops_are_refused() {
         let d = Dir;
