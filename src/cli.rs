@@ -96,6 +96,26 @@ pub enum QueueCmd {
     List {
         #[arg(long)]
         json: bool,
+        /// Only messages with a recipient in this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Only messages with a recipient in this state (pending, deferred), or "held".
+        #[arg(long)]
+        state: Option<String>,
+        /// Only messages at least this old ("30m", "2h", "1d").
+        #[arg(long)]
+        older_than: Option<String>,
+    },
+    /// Stop delivering a message until it is released.
+    Hold { id: String },
+    /// Release a held message (it is due at once).
+    Release { id: String },
+    /// Remove a message from the queue for good.
+    Delete { id: String },
+    /// Retry waiting messages now (all, or those for one domain).
+    Flush {
+        #[arg(long)]
+        domain: Option<String>,
     },
     /// Show one message's envelope and each recipient's state.
     Show {
@@ -310,8 +330,23 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             }
         },
         Cmd::Queue(q) => match q {
-            QueueCmd::List { json } => {
-                let list: Vec<QueueEntry> = c.json("/queue?limit=100000")?;
+            QueueCmd::List {
+                json,
+                domain,
+                state,
+                older_than,
+            } => {
+                let mut path = "/queue?limit=100000".to_string();
+                for (k, v) in [
+                    ("domain", domain),
+                    ("state", state),
+                    ("min_age", older_than),
+                ] {
+                    if let Some(v) = v {
+                        path.push_str(&format!("&{k}={}", seg(&v)));
+                    }
+                }
+                let list: Vec<QueueEntry> = c.json(&path)?;
                 if json {
                     writeln!(
                         out,
@@ -337,6 +372,29 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                         )?;
                     }
                 }
+            }
+            QueueCmd::Hold { id } => {
+                c.call("POST", &format!("/queue/{}/hold", seg(&id)), None)?;
+                writeln!(out, "held {id}")?;
+            }
+            QueueCmd::Release { id } => {
+                c.call("POST", &format!("/queue/{}/release", seg(&id)), None)?;
+                writeln!(out, "released {id}")?;
+            }
+            QueueCmd::Delete { id } => {
+                c.call("DELETE", &format!("/queue/{}", seg(&id)), None)?;
+                writeln!(out, "deleted {id}")?;
+            }
+            QueueCmd::Flush { domain } => {
+                let path = match &domain {
+                    Some(d) => format!("/queue/flush?domain={}", seg(d)),
+                    None => "/queue/flush".to_string(),
+                };
+                let v: serde_json::Value = c
+                    .call("POST", &path, None)?
+                    .into_json()
+                    .map_err(|e| CliError::BadResponse(e.to_string()))?;
+                writeln!(out, "{} messages due now", v["flushed"])?;
             }
             QueueCmd::Show { id, json } => {
                 let e: QueueEntry = c.json(&format!("/queue/{}", seg(&id)))?;

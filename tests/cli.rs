@@ -184,3 +184,85 @@ fn shipped_configs_are_valid() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn queue_hold_release_flush_delete() {
+    let s = Server::start_with("\"127.0.0.0/8\"", "", "");
+    let mut c = common::Smtp::connect(s.port("smtp"));
+    assert_eq!(c.cmd("EHLO x"), 250);
+    for rcpt in ["far@remote.example", "other@elsewhere.example"] {
+        assert_eq!(c.cmd("MAIL FROM:<a@local.test>"), 250);
+        assert_eq!(c.cmd(&format!("RCPT TO:<{rcpt}>")), 250);
+        assert_eq!(c.cmd("DATA"), 354);
+        c.send(b"Subject: q\r\n\r\nx\r\n.\r\n");
+        assert_eq!(c.reply().0, 250);
+    }
+    // Wait for both first attempts (remote delivery defers).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let attempts =
+        |s: &Server, id: &str| s.api(&format!("/queue/{id}"))["attempts"].as_u64().unwrap();
+    let list = loop {
+        let l = s.wait_queue(2);
+        if l.iter().all(|e| e["attempts"].as_u64() >= Some(1)) {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let id = list
+        .iter()
+        .find(|e| e["recipients"][0]["address"] == "far@remote.example")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let only_remote = s.cli_ok(&["queue", "list", "--domain", "remote.example"]);
+    assert_eq!(only_remote.lines().count(), 1, "{only_remote}");
+    assert!(only_remote.starts_with(&id));
+    assert_eq!(
+        s.cli_ok(&["queue", "list", "--state", "deferred"])
+            .lines()
+            .count(),
+        2
+    );
+    assert_eq!(
+        s.cli_ok(&["queue", "list", "--older-than", "1h"])
+            .lines()
+            .count(),
+        0
+    );
+
+    s.cli_ok(&["queue", "hold", &id]);
+    assert!(
+        s.cli_ok(&["queue", "list", "--state", "held"])
+            .starts_with(&id)
+    );
+    // Held messages are not retried by a flush.
+    let before = attempts(&s, &id);
+    assert!(
+        s.cli_ok(&["queue", "flush"])
+            .starts_with("1 messages due now")
+    );
+    s.cli_ok(&["queue", "release", &id]);
+    while attempts(&s, &id) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "release did not retry"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Flush by domain makes that message due now: another attempt.
+    let n = attempts(&s, &id);
+    assert!(
+        s.cli_ok(&["queue", "flush", "--domain", "remote.example"])
+            .starts_with("1 messages")
+    );
+    while attempts(&s, &id) == n {
+        assert!(std::time::Instant::now() < deadline, "flush did not retry");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s.cli_ok(&["queue", "delete", &id]);
+    assert_eq!(s.wait_queue(1).len(), 1);
+    assert!(!s.cli(&["queue", "show", &id]).status.success());
+    assert!(!s.cli(&["queue", "delete", &id]).status.success());
+}

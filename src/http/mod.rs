@@ -70,7 +70,10 @@ pub fn router(app: AppState) -> Router {
         .route("/aliases", get(list_aliases).post(add_alias))
         .route("/aliases/{alias}", delete(del_alias))
         .route("/queue", get(queue_list))
-        .route("/queue/{id}", get(queue_show))
+        .route("/queue/flush", axum::routing::post(queue_flush))
+        .route("/queue/{id}", get(queue_show).delete(queue_delete))
+        .route("/queue/{id}/hold", axum::routing::post(queue_hold))
+        .route("/queue/{id}/release", axum::routing::post(queue_release))
         .route("/mailboxes/{address}", get(mailbox_list))
         .route("/mailboxes/{address}/{uid}", get(mailbox_show))
         .layer(middleware::from_fn_with_state(app.clone(), require_token));
@@ -283,6 +286,16 @@ fn entry(app: &App, id: QueueId, e: postrider_queue::Envelope) -> QueueEntry {
 #[derive(Deserialize)]
 pub struct ListQuery {
     pub limit: Option<usize>,
+    /// Only messages with a recipient in this domain.
+    pub domain: Option<String>,
+    /// Only messages with a recipient in this state (`pending`, `deferred`), or `held`.
+    pub state: Option<String>,
+    /// Only messages at least this old (humantime, e.g. "1h").
+    pub min_age: Option<String>,
+}
+
+fn rcpt_domain(addr: &str) -> &str {
+    addr.rsplit_once('@').map_or("", |(_, d)| d)
 }
 
 async fn queue_list(
@@ -290,11 +303,102 @@ async fn queue_list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<QueueEntry>>, ApiError> {
     let limit = q.limit.unwrap_or(1000).min(100_000);
+    let min_age_ms = match &q.min_age {
+        Some(a) => humantime::parse_duration(a)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("min_age: {e}")))?
+            .as_millis() as u64,
+        None => 0,
+    };
     let a = app.clone();
-    let list = blocking(move || Ok(a.queue.list(limit)?)).await?;
-    Ok(Json(
-        list.into_iter().map(|(id, e)| entry(&app, id, e)).collect(),
-    ))
+    let list = blocking(move || Ok(a.queue.list(usize::MAX)?)).await?;
+    let now = postrider_queue::now_ms();
+    let entries = list
+        .into_iter()
+        .map(|(id, e)| entry(&app, id, e))
+        .filter(|e| now.saturating_sub(e.arrival_ms) >= min_age_ms)
+        .filter(|e| {
+            q.domain.as_ref().is_none_or(|d| {
+                e.recipients
+                    .iter()
+                    .any(|r| rcpt_domain(&r.address).eq_ignore_ascii_case(d))
+            })
+        })
+        .filter(|e| match q.state.as_deref() {
+            None => true,
+            Some("held") => e.held,
+            Some(st) => e.recipients.iter().any(|r| r.state == st),
+        })
+        .take(limit)
+        .collect();
+    Ok(Json(entries))
+}
+
+fn parse_id(id: &str) -> Result<QueueId, ApiError> {
+    Ok(id.parse()?)
+}
+
+async fn queue_hold(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    blocking(move || Ok(app.queue.hold(id)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn queue_release(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let a = app.clone();
+    blocking(move || Ok(a.queue.release(id)?)).await?;
+    app.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn queue_delete(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    let e = blocking(move || Ok(app.queue.delete(id)?)).await?;
+    tracing::info!(queue_id = %id, sender = %e.sender, "deleted from the queue by the operator");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct FlushQuery {
+    pub domain: Option<String>,
+}
+
+/// `queue flush`: every waiting (not held) message, or those with a pending recipient in
+/// `domain`, is due now.
+async fn queue_flush(
+    State(app): State<AppState>,
+    Query(q): Query<FlushQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let a = app.clone();
+    let n = blocking(move || {
+        let mut n = 0;
+        for (id, e) in a.queue.list(usize::MAX)? {
+            let wanted = q.domain.as_ref().is_none_or(|d| {
+                e.pending()
+                    .any(|(_, r)| rcpt_domain(&r.address).eq_ignore_ascii_case(d))
+            });
+            if wanted && !e.held {
+                match a.queue.retry_now(id, false) {
+                    Ok(()) => n += 1,
+                    Err(postrider_queue::Error::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(n)
+    })
+    .await?;
+    app.wake.notify_one();
+    Ok(Json(serde_json::json!({ "flushed": n })))
 }
 
 async fn queue_show(
