@@ -15,7 +15,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
 use postrider_queue::{QueueId, RcptState};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 type AppState = Arc<App>;
@@ -84,12 +88,87 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
+/// Admin connections idle this long (mid-request or between requests) are closed, so a slow
+/// or stuck client cannot hold connections forever.
+const HTTP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The admin listener: hands axum streams that give up after `HTTP_IDLE_TIMEOUT` without input.
+struct TimeoutListener(tokio::net::TcpListener);
+
+impl axum::serve::Listener for TimeoutListener {
+    type Io = IdleTimeout<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        (IdleTimeout::new(io, HTTP_IDLE_TIMEOUT), addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// A stream whose reads fail with `TimedOut` after `timeout` without progress.
+pub struct IdleTimeout<S> {
+    inner: S,
+    timeout: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleTimeout<S> {
+    pub fn new(inner: S, timeout: std::time::Duration) -> Self {
+        IdleTimeout {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        match Pin::new(&mut me.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                let deadline = tokio::time::Instant::now() + me.timeout;
+                me.sleep.as_mut().reset(deadline);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match me.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 pub async fn serve(
     app: AppState,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let r = axum::serve(listener, router(app))
+    let r = axum::serve(TimeoutListener(listener), router(app))
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|v| *v).await;
         })
@@ -469,4 +548,22 @@ async fn mailbox_show(
     })
     .await?;
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], raw).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdleTimeout;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn idle_reads_time_out_and_activity_resets_the_clock() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut s = IdleTimeout::new(server, std::time::Duration::from_millis(200));
+        let mut c = client;
+        c.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(s.read(&mut buf).await.unwrap(), 3);
+        let err = s.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
 }
