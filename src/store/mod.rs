@@ -188,11 +188,6 @@ impl Store {
         Ok(self.commit.commit_blocking()?)
     }
 
-    /// Stops the flusher thread after a last flush (for tests that reopen in one process).
-    pub fn close(&self) {
-        self.commit.stop();
-    }
-
     fn hash_password(password: &str) -> Result<String> {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
         argon2::Argon2::default()
