@@ -116,6 +116,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     }
 }
 
+/// Time allowed for a TLS handshake (implicit TLS or after STARTTLS/STLS).
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// STARTTLS / STLS: discards whatever plaintext the client pipelined behind the command
+    /// (RFC 3207 §4.2, RFC 2595 §4; CVE-2011-0411: it must never run inside TLS), then
+    /// hand-shakes in place. `None`: the handshake failed or timed out; close the connection.
+    pub async fn upgrade(
+        &mut self,
+        pending: &mut Vec<u8>,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Option<crate::smtp::session::TlsInfo> {
+        if !pending.is_empty() {
+            tracing::warn!(
+                bytes = pending.len(),
+                "discarding plaintext pipelined after STARTTLS/STLS"
+            );
+            pending.clear();
+        }
+        let Conn::Plain(stream) = std::mem::replace(self, Conn::Gone) else {
+            return None;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => {
+                let info = crate::tls::describe(s.get_ref().1);
+                *self = Conn::Tls(Box::new(s));
+                Some(info)
+            }
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Ends the connection: TLS sends its close_notify; plain TCP is closed by dropping the
+    /// socket (an explicit shutdown mostly fails with ENOTCONN: the client already hung up).
+    pub async fn finish(&mut self) {
+        if let Conn::Tls(_) = self {
+            let _ = tokio::io::AsyncWriteExt::shutdown(self).await;
+        }
+    }
+}
+
+/// A command line taken off the input buffer.
+pub enum Line {
+    /// The line without its CRLF (or bare LF).
+    Text(Vec<u8>),
+    /// It was longer than the limit; it has been dropped.
+    TooLong,
+}
+
+/// Takes the next complete line off `rbuf`, if there is one. `discarding` carries over an
+/// over-long line whose start was dropped by [`drop_overlong`].
+pub fn take_line(rbuf: &mut Vec<u8>, limit: usize, discarding: &mut bool) -> Option<Line> {
+    let pos = rbuf.iter().position(|&b| b == b'\n')?;
+    if *discarding || pos + 1 > limit {
+        *discarding = false;
+        rbuf.drain(..=pos);
+        return Some(Line::TooLong);
+    }
+    let end = if pos > 0 && rbuf[pos - 1] == b'\r' {
+        pos - 1
+    } else {
+        pos
+    };
+    let line = rbuf[..end].to_vec();
+    rbuf.drain(..=pos);
+    Some(Line::Text(line))
+}
+
+/// With no complete line buffered: a partial line already over the limit is dropped as it
+/// arrives (memory stays bounded) and answered once its end is seen.
+pub fn drop_overlong(rbuf: &mut Vec<u8>, limit: usize, discarding: &mut bool) {
+    if rbuf.len() > limit {
+        *discarding = true;
+        rbuf.clear();
+    }
+}
+
 /// Connection admission: a global cap and a per-client-IP cap.
 pub struct ConnLimits {
     global: Arc<Semaphore>,

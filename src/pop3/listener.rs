@@ -5,7 +5,10 @@ use super::proto::{MAX_AUTH_LINE, MAX_LINE, write_stuffed};
 use super::session::{Action, Maildrop, MsgInfo, Pop3Config, Session};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::metrics::METRICS;
-use crate::net::{Conn, ConnLimits, accept_loop, tokio_util_tasks};
+use crate::net::{
+    Conn, ConnLimits, Line, TLS_HANDSHAKE_TIMEOUT, accept_loop, drop_overlong, take_line,
+    tokio_util_tasks,
+};
 use crate::server::App;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// RFC 1939 §3: the autologout timer must be at least 10 minutes.
 const MIN_AUTOLOGOUT: Duration = Duration::from_secs(600);
 /// Messages are written in pieces of this size, so a large one is never stuffed whole.
@@ -133,42 +135,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PopIo<S> {
         let mut discarding = false;
         loop {
             // Answer every complete line already received (RFC 2449 PIPELINING).
-            while let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+            loop {
                 let limit = if session.in_sasl() {
                     MAX_AUTH_LINE
                 } else {
                     MAX_LINE
                 };
-                let action = if discarding || pos + 1 > limit {
-                    discarding = false;
-                    self.rbuf.drain(..=pos);
-                    session.line_too_long()
-                } else {
-                    let end = if pos > 0 && self.rbuf[pos - 1] == b'\r' {
-                        pos - 1
-                    } else {
-                        pos
-                    };
-                    let line = self.rbuf[..end].to_vec();
-                    self.rbuf.drain(..=pos);
-                    session.command(&line)
+                let Some(line) = take_line(&mut self.rbuf, limit, &mut discarding) else {
+                    drop_overlong(&mut self.rbuf, limit, &mut discarding);
+                    break;
+                };
+                let action = match line {
+                    Line::TooLong => session.line_too_long(),
+                    Line::Text(l) => session.command(&l),
                 };
                 if let Flow::Close = self.perform(session, action).await? {
                     self.flush_out().await?;
-                    if let Conn::Tls(_) = self.conn {
-                        let _ = self.conn.shutdown().await;
-                    }
+                    self.conn.finish().await;
                     return Ok(());
                 }
-            }
-            let limit = if session.in_sasl() {
-                MAX_AUTH_LINE
-            } else {
-                MAX_LINE
-            };
-            if self.rbuf.len() > limit {
-                discarding = true;
-                self.rbuf.clear();
             }
             self.flush_out().await?;
             self.rbuf.reserve(4096);
@@ -215,26 +200,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PopIo<S> {
                 Action::StartTls(s) => {
                     self.line(&s);
                     self.flush_out().await?;
-                    if !self.rbuf.is_empty() {
-                        // RFC 2595 / CVE-2011-0411: nothing sent in plaintext after STLS is
-                        // executed inside TLS.
-                        tracing::warn!(
-                            bytes = self.rbuf.len(),
-                            "discarding plaintext pipelined after STLS"
-                        );
-                        self.rbuf.clear();
-                    }
-                    let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
-                        return Ok(Flow::Close);
-                    };
-                    let acceptor = tokio_rustls::TlsAcceptor::from(self.app.tls.clone());
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    match self
+                        .conn
+                        .upgrade(&mut self.rbuf, self.app.tls.clone())
+                        .await
                     {
-                        Ok(Ok(tls)) => {
-                            self.conn = Conn::Tls(Box::new(tls));
-                            session.tls_started();
-                        }
-                        _ => return Ok(Flow::Close),
+                        Some(_) => session.tls_started(),
+                        None => return Ok(Flow::Close),
                     }
                 }
                 Action::CheckAuth { user, password } => {

@@ -6,7 +6,10 @@ use super::proto::{DataProgress, DataReader, MAX_COMMAND_LINE, Reply};
 use super::session::{Action, ClientInfo, Directory, Draft, Session, SessionConfig};
 use crate::config::{ListenerConfig, ListenerKind};
 use crate::metrics::METRICS;
-use crate::net::{Conn, ConnLimits, accept_loop, tokio_util_tasks};
+use crate::net::{
+    Conn, ConnLimits, Line, TLS_HANDSHAKE_TIMEOUT, accept_loop, drop_overlong, take_line,
+    tokio_util_tasks,
+};
 use crate::server::App;
 use postrider_queue::{Envelope, Recipient};
 use std::net::SocketAddr;
@@ -19,8 +22,6 @@ use tracing::Instrument;
 
 /// RFC 4954 §4: an AUTH response line may be up to 12288 octets.
 const MAX_AUTH_LINE: usize = 12288;
-/// Time allowed for a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts connections for one listener until shutdown.
 pub async fn serve(
@@ -213,45 +214,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
         let mut discarding = false;
         loop {
             // Answer every complete line already received before reading again (RFC 2920).
-            while let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+            loop {
                 let limit = if session.in_auth() {
                     MAX_AUTH_LINE
                 } else {
                     MAX_COMMAND_LINE
                 };
-                let action = if discarding || pos + 1 > limit {
-                    discarding = false;
-                    self.rbuf.drain(..=pos);
-                    session.line_too_long()
-                } else {
-                    let end = if pos > 0 && self.rbuf[pos - 1] == b'\r' {
-                        pos - 1
-                    } else {
-                        pos
-                    };
-                    let line: Vec<u8> = self.rbuf[..end].to_vec();
-                    self.rbuf.drain(..=pos);
-                    session.command(&line)
+                let Some(line) = take_line(&mut self.rbuf, limit, &mut discarding) else {
+                    drop_overlong(&mut self.rbuf, limit, &mut discarding);
+                    break;
+                };
+                let action = match line {
+                    Line::TooLong => session.line_too_long(),
+                    Line::Text(l) => session.command(&l),
                 };
                 if let Flow::Close = self.perform(session, action).await? {
                     self.flush_out().await?;
-                    // TLS needs its close_notify; plain TCP is closed by dropping the socket
-                    // (an explicit shutdown mostly fails with ENOTCONN: the client hung up).
-                    if let Conn::Tls(_) = self.conn {
-                        let _ = self.conn.shutdown().await;
-                    }
+                    self.conn.finish().await;
                     return Ok(());
                 }
-            }
-            let limit = if session.in_auth() {
-                MAX_AUTH_LINE
-            } else {
-                MAX_COMMAND_LINE
-            };
-            if self.rbuf.len() > limit {
-                // An over-long line: drop it as it arrives, answer once its end is seen.
-                discarding = true;
-                self.rbuf.clear();
             }
             self.flush_out().await?;
             match self.read_more(cmd_timeout, self.rbuf.is_empty()).await? {
@@ -286,30 +267,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
                 Action::StartTls(r) => {
                     self.push(&r);
                     self.flush_out().await?;
-                    if !self.rbuf.is_empty() {
-                        // RFC 3207 §4.2 / CVE-2011-0411: never execute plaintext pipelined
-                        // behind STARTTLS inside the TLS session.
-                        tracing::warn!(
-                            bytes = self.rbuf.len(),
-                            "discarding plaintext pipelined after STARTTLS"
-                        );
-                        self.rbuf.clear();
-                    }
-                    let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
-                        return Ok(Flow::Close);
-                    };
-                    let acceptor = tokio_rustls::TlsAcceptor::from(self.app.tls.clone());
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    match self
+                        .conn
+                        .upgrade(&mut self.rbuf, self.app.tls.clone())
+                        .await
                     {
-                        Ok(Ok(tls)) => {
-                            session.tls_started(crate::tls::describe(tls.get_ref().1));
-                            self.conn = Conn::Tls(Box::new(tls));
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(error = %e, "TLS handshake failed");
-                            return Ok(Flow::Close);
-                        }
-                        Err(_) => return Ok(Flow::Close),
+                        Some(info) => session.tls_started(info),
+                        None => return Ok(Flow::Close),
                     }
                 }
                 Action::ReadData { reply, max_size } => {
