@@ -120,6 +120,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         )),
     });
 
+    let mut signals = Signals::register()?;
     // Bind everything first, so a port conflict fails start-up instead of half-running.
     let mut bound = Vec::new();
     for l in &cfg.listeners {
@@ -197,7 +198,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let maint = tokio::spawn(maintenance(app.clone(), shutdown_rx.clone()));
     tracing::info!("postrider started");
 
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down: refusing new connections, finishing sessions");
     let _ = shutdown_tx.send(true);
     for a in accept_loops {
@@ -239,24 +240,26 @@ async fn maintenance(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
+/// SIGTERM and SIGINT, registered before start-up completes: a signal that arrives right after
+/// "ready" must start a clean shutdown, not kill the process with the default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }

@@ -111,7 +111,19 @@ fn users_aliases_queue_and_mailbox_commands() {
     assert!(raw.ends_with(b"\r\n\r\nnumbers\r\n"));
     assert!(String::from_utf8_lossy(&raw).contains("Delivered-To: sales@local.test\r\n"));
 
-    let q = s.wait_queue(1);
+    // The store write lands before the queue records the outcome: wait for the latter.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let q = loop {
+        let q = s.wait_queue(1);
+        if q[0]["recipients"][1]["state"] == "deferred" {
+            break q;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never attempted: {q:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     let id = q[0]["id"].as_str().unwrap().to_string();
     let listing = s.cli_ok(&["queue", "list"]);
     assert!(
