@@ -21,13 +21,7 @@ fn server_with_mail() -> Server {
         assert_eq!(c.cmd("MAIL FROM:<bob@example.org>"), 250);
         assert_eq!(c.cmd("RCPT TO:<alice@local.test>"), 250);
         assert_eq!(c.cmd("DATA"), 354);
-        let mut wire = Vec::new();
-        for line in body.split_inclusive(|&b| b == b'\n') {
-            if line.starts_with(b".") {
-                wire.push(b'.');
-            }
-            wire.extend_from_slice(line);
-        }
+        let mut wire = common::dot_stuff(body);
         wire.extend_from_slice(b".\r\n");
         c.send(&wire);
         assert_eq!(c.reply().0, 250);
@@ -160,14 +154,7 @@ fn raw_retr_is_byte_stuffed_exactly() {
         }
         wire.extend_from_slice(&l);
     }
-    let mut want = Vec::new();
-    for l in stored.split_inclusive(|&b| b == b'\n') {
-        if l.starts_with(b".") {
-            want.push(b'.');
-        }
-        want.extend_from_slice(l);
-    }
-    assert_eq!(wire, want);
+    assert_eq!(wire, common::dot_stuff(&stored));
     // AUTH PLAIN is refused while the maildrop is locked by this session.
     let mut other = std::net::TcpStream::connect(s.port("pop3")).unwrap();
     other

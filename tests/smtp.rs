@@ -47,14 +47,7 @@ fn dot_stuffing_and_8bit_round_trip_byte_exact() {
     assert_eq!(c.cmd("MAIL FROM:<bob@example.org> BODY=8BITMIME"), 250);
     assert_eq!(c.cmd("RCPT TO:<alice@local.test>"), 250);
     assert_eq!(c.cmd("DATA"), 354);
-    // Dot-stuff exactly as RFC 5321 §4.5.2 says.
-    let mut wire = Vec::new();
-    for line in body.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            wire.push(b'.');
-        }
-        wire.extend_from_slice(line);
-    }
+    let mut wire = common::dot_stuff(body);
     wire.extend_from_slice(b".\r\n");
     c.send(&wire);
     assert_eq!(c.reply().0, 250);

@@ -354,3 +354,15 @@ pub fn strip_trace_headers(raw: &[u8]) -> Vec<u8> {
         rest = &rest[i..];
     }
 }
+
+/// Dot-stuffs lines starting with '.' (RFC 5321 §4.5.2, RFC 1939 §3), without a terminator.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 16);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
