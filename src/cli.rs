@@ -111,7 +111,12 @@ pub enum QueueCmd {
     /// Release a held message (it is due at once).
     Release { id: String },
     /// Remove a message from the queue for good.
-    Delete { id: String },
+    Delete {
+        id: String,
+        /// Return a failure DSN to the sender for the recipients still pending.
+        #[arg(long)]
+        bounce: bool,
+    },
     /// Retry waiting messages now (all, or those for one domain).
     Flush {
         #[arg(long)]
@@ -381,8 +386,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 c.call("POST", &format!("/queue/{}/release", seg(&id)), None)?;
                 writeln!(out, "released {id}")?;
             }
-            QueueCmd::Delete { id } => {
-                c.call("DELETE", &format!("/queue/{}", seg(&id)), None)?;
+            QueueCmd::Delete { id, bounce } => {
+                let q = if bounce { "?bounce=true" } else { "" };
+                c.call("DELETE", &format!("/queue/{}{q}", seg(&id)), None)?;
                 writeln!(out, "deleted {id}")?;
             }
             QueueCmd::Flush { domain } => {

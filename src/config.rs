@@ -71,6 +71,32 @@ retry_max = "1h"
 lifetime = "5d"
 delay_warning = "off"
 
+# Outbound delivery (mail for domains that are not local).
+[delivery]
+port = 25                          # SMTP port of MX hosts; change only for tests
+# helo_name = "mail.example.com"   # default: server.hostname
+connect_timeout = "30s"
+greeting_timeout = "5m"            # RFC 5321 4.5.3.2.1
+command_timeout = "5m"             # MAIL, RCPT (4.5.3.2.2-3)
+data_timeout = "10m"               # 354 wait 2m, blocks 3m, final reply 10m (4.5.3.2.4-6)
+concurrency_per_destination = 20
+max_connections = 200
+connection_reuse = "2s"            # keep an idle connection this long for the next message
+# ca_file = "/etc/postrider/extra-ca.pem"   # trusted in addition to the Mozilla roots (tls = "verify")
+
+# [dns]
+# nameservers = ["127.0.0.1:5353"]  # default: the system resolver (/etc/resolv.conf)
+# timeout = "5s"
+
+# Static routes. The first route whose domains match the recipient's domain wins; "*" matches
+# every non-local domain (a smarthost). Without a matching route, DNS (MX) decides.
+# [[route]]
+# domains = ["*"]
+# next_hop = "smtp.provider.example:587"
+# tls = "required"                 # "none" | "opportunistic" (default) | "required" | "verify"
+# auth_username = "user@example.com"
+# auth_password = "secret"
+
 [http]
 bind = "127.0.0.1:9025"
 # admin_token = "..."   # default: generated into data_dir/admin.token (mode 0600)
@@ -97,9 +123,124 @@ pub struct Config {
     #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// Outbound SMTP. Timeouts follow RFC 5321 §4.5.3.2 by default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Port used for MX hosts (25; tests point it at their own servers).
+    pub port: u16,
+    /// Name sent in EHLO/HELO; defaults to `server.hostname`.
+    pub helo_name: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub greeting_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Open connections per destination (one MX domain or one route's next hop).
+    pub concurrency_per_destination: usize,
+    /// Open outbound connections in all.
+    pub max_connections: usize,
+    /// How long an idle connection waits for the next message to the same destination.
+    #[serde(with = "humantime_serde")]
+    pub connection_reuse: Duration,
+    /// Extra trusted CA certificates (PEM) for routes with `tls = "verify"`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            helo_name: None,
+            connect_timeout: Duration::from_secs(30),
+            greeting_timeout: Duration::from_secs(300),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            concurrency_per_destination: 20,
+            max_connections: 200,
+            connection_reuse: Duration::from_secs(2),
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers (`ip:port`) replacing the system resolver's.
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How hard to insist on TLS towards a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, any certificate (encryption without authentication, as is usual
+    /// between MTAs); plaintext when not offered or when the handshake fails.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed (any certificate); otherwise defer, never send in clear.
+    Required,
+    /// STARTTLS with a certificate valid for the next hop's name; otherwise defer.
+    Verify,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Recipient domains (case-insensitive) or `"*"` for every non-local domain.
+    pub domains: Vec<String>,
+    /// `host:port` (host a name or an IP address; IPv6 in brackets). No MX lookup is made.
+    pub next_hop: String,
+    #[serde(default)]
+    pub tls: TlsPolicy,
+    #[serde(default)]
+    pub auth_username: Option<String>,
+    #[serde(default)]
+    pub auth_password: Option<String>,
+}
+
+impl RouteConfig {
+    pub fn matches(&self, domain: &str) -> bool {
+        self.domains
+            .iter()
+            .any(|d| d == "*" || d.eq_ignore_ascii_case(domain))
+    }
+
+    /// `(host, port)` of the next hop.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let (h, p) = self.next_hop.rsplit_once(':')?;
+        let port = p.parse().ok()?;
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        (!h.is_empty()).then(|| (h.to_string(), port))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -270,6 +411,17 @@ pub struct QueueConfig {
     pub lifetime: Duration,
     /// "off" or a duration after which a delay warning DSN is sent.
     pub delay_warning: String,
+}
+
+impl QueueConfig {
+    /// `delay_warning` as a duration; `None` when "off".
+    pub fn delay_warning_after(&self) -> Option<Duration> {
+        if self.delay_warning == "off" {
+            None
+        } else {
+            humantime::parse_duration(&self.delay_warning).ok()
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -462,6 +614,49 @@ impl Config {
                 self.queue.delay_warning
             ));
         }
+        if self.delivery.concurrency_per_destination == 0 {
+            e.push("delivery.concurrency_per_destination: must be at least 1".into());
+        }
+        if self.delivery.max_connections == 0 {
+            e.push("delivery.max_connections: must be at least 1".into());
+        }
+        for (k, d) in [
+            ("delivery.connect_timeout", self.delivery.connect_timeout),
+            ("delivery.greeting_timeout", self.delivery.greeting_timeout),
+            ("delivery.command_timeout", self.delivery.command_timeout),
+            ("delivery.data_timeout", self.delivery.data_timeout),
+            ("dns.timeout", self.dns.timeout),
+        ] {
+            if d.is_zero() {
+                e.push(format!("{k}: must be positive"));
+            }
+        }
+        if let Some(p) = &self.delivery.ca_file
+            && !p.exists()
+        {
+            e.push(format!("delivery.ca_file: file not found: {}", p.display()));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.domains.is_empty() {
+                e.push(format!("route[{i}].domains: at least one domain or \"*\""));
+            }
+            if r.host_port().is_none() {
+                e.push(format!(
+                    "route[{i}].next_hop: expected host:port, not {:?}",
+                    r.next_hop
+                ));
+            }
+            if r.auth_username.is_some() != r.auth_password.is_some() {
+                e.push(format!(
+                    "route[{i}]: auth_username and auth_password go together"
+                ));
+            }
+            if r.auth_username.is_some() && r.tls == TlsPolicy::None {
+                e.push(format!(
+                    "route[{i}].tls: AUTH needs TLS (\"required\" or \"verify\"), not \"none\""
+                ));
+            }
+        }
         if let Some(t) = &self.http.admin_token
             && t.len() < 16
         {
@@ -528,6 +723,32 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
     (
         "queue",
         &["retry_initial", "retry_max", "lifetime", "delay_warning"],
+    ),
+    (
+        "delivery",
+        &[
+            "port",
+            "helo_name",
+            "connect_timeout",
+            "greeting_timeout",
+            "command_timeout",
+            "data_timeout",
+            "concurrency_per_destination",
+            "max_connections",
+            "connection_reuse",
+            "ca_file",
+        ],
+    ),
+    ("dns", &["nameservers", "timeout"]),
+    (
+        "route",
+        &[
+            "domains",
+            "next_hop",
+            "tls",
+            "auth_username",
+            "auth_password",
+        ],
     ),
     ("http", &["bind", "admin_token"]),
     ("log", &["level", "format"]),

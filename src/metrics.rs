@@ -3,8 +3,8 @@
 //! Names follow Prometheus conventions: `_total` for counters, base units (seconds, bytes).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -32,6 +32,19 @@ pub struct Metrics {
     pub queue_entries: IntGaugeVec,
     /// Local deliveries by result (`delivered`, `deferred`, `failed`, `duplicate`).
     pub local_deliveries: IntCounterVec,
+    /// Delivery attempts per recipient, by transport (`local`, `remote`) and result
+    /// (`delivered`, `deferred`, `failed`).
+    pub delivery_attempts: IntCounterVec,
+    /// Seconds one delivery attempt took (connection setup included for remote), by transport.
+    pub delivery_seconds: HistogramVec,
+    /// Seconds from arrival in the queue to final delivery, by transport.
+    pub delivery_delay_seconds: HistogramVec,
+    /// DNS lookup time, by record type (`MX`, `A/AAAA`).
+    pub dns_lookup_seconds: HistogramVec,
+    /// Age of the oldest message in the queue, set at scrape time.
+    pub queue_oldest_age_seconds: prometheus::Gauge,
+    /// DSNs queued, by action (`failed`, `delayed`, `delivered`, `relayed`).
+    pub dsn_sent: IntCounterVec,
     /// Flushes performed by the queue's group commit.
     pub queue_flushes: IntCounter,
     /// POP3 sessions accepted, by listener name.
@@ -58,6 +71,23 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     r.register(Box::new(c.clone()))
         .expect("metric registered once");
     c
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -145,6 +175,52 @@ impl Metrics {
                 "postrider_local_deliveries_total",
                 "Local mailbox deliveries",
                 &["result"],
+            ),
+            delivery_attempts: counter_vec(
+                &r,
+                "postrider_delivery_attempts_total",
+                "Delivery attempts per recipient",
+                &["transport", "result"],
+            ),
+            delivery_seconds: histogram_vec(
+                &r,
+                "postrider_delivery_attempt_seconds",
+                "Duration of one delivery attempt",
+                &["transport"],
+                &[
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+                ],
+            ),
+            delivery_delay_seconds: histogram_vec(
+                &r,
+                "postrider_delivery_delay_seconds",
+                "Time from arrival to final delivery",
+                &["transport"],
+                &[
+                    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 60.0, 600.0, 3600.0, 86400.0, 432000.0,
+                ],
+            ),
+            dns_lookup_seconds: histogram_vec(
+                &r,
+                "postrider_dns_lookup_seconds",
+                "DNS lookup time",
+                &["type"],
+                &[0.0001, 0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0],
+            ),
+            queue_oldest_age_seconds: {
+                let g = prometheus::Gauge::new(
+                    "postrider_queue_oldest_age_seconds",
+                    "Age of the oldest queued message",
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
+            dsn_sent: counter_vec(
+                &r,
+                "postrider_dsn_sent_total",
+                "Delivery status notifications queued",
+                &["action"],
             ),
             queue_flushes,
             pop3_sessions: counter_vec(

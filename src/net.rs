@@ -71,6 +71,8 @@ pub async fn accept_loop(
 pub enum Conn<S> {
     Plain(S),
     Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Our side is the client (outbound SMTP).
+    TlsClient(Box<tokio_rustls::client::TlsStream<S>>),
     Gone,
 }
 
@@ -83,6 +85,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Conn::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
@@ -97,6 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Conn::Gone => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
         }
     }
@@ -104,6 +108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Conn::Gone => Poll::Ready(Ok(())),
         }
     }
@@ -111,6 +116,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Conn::Gone => Poll::Ready(Ok(())),
         }
     }
@@ -153,10 +159,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// Client side of STARTTLS: hand-shakes in place. Anything the server sent before the
+    /// handshake must already have been discarded by the caller (RFC 3207 §4.2 applies both
+    /// ways).
+    pub async fn upgrade_client(
+        &mut self,
+        tls: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> Result<crate::smtp::session::TlsInfo, std::io::Error> {
+        let Conn::Plain(stream) = std::mem::replace(self, Conn::Gone) else {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        };
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name, stream)).await {
+            Ok(Ok(s)) => {
+                let info = crate::tls::describe(s.get_ref().1);
+                *self = Conn::TlsClient(Box::new(s));
+                Ok(info)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
     /// Ends the connection: TLS sends its close_notify; plain TCP is closed by dropping the
     /// socket (an explicit shutdown mostly fails with ENOTCONN: the client already hung up).
     pub async fn finish(&mut self) {
-        if let Conn::Tls(_) = self {
+        if let Conn::Tls(_) | Conn::TlsClient(_) = self {
             let _ = tokio::io::AsyncWriteExt::shutdown(self).await;
         }
     }

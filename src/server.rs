@@ -53,6 +53,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Remote(#[from] crate::delivery::remote::RemoteError),
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
         what: String,
@@ -182,9 +184,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         postmaster,
     });
     let domains = cfg.domains.clone();
+    let remote = crate::delivery::remote::RemoteDelivery::new(&cfg)?;
     let runner = Runner {
         queue: queue.clone(),
         local: Arc::new(local),
+        remote: Arc::new(remote),
+        hostname: cfg.server.hostname.clone(),
+        delay_warning: cfg.queue.delay_warning_after(),
         is_local: Box::new(move |d| domains.is_local(d)),
         policy: RetryPolicy {
             initial: cfg.queue.retry_initial,

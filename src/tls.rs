@@ -84,7 +84,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
 }
 
 /// Version and cipher suite names for the Received header.
-pub fn describe(conn: &rustls::ServerConnection) -> crate::smtp::session::TlsInfo {
+pub fn describe(conn: &rustls::CommonState) -> crate::smtp::session::TlsInfo {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
@@ -96,4 +96,79 @@ pub fn describe(conn: &rustls::ServerConnection) -> crate::smtp::session::TlsInf
         .map(|s| format!("{:?}", s.suite()))
         .unwrap_or_else(|| "unknown".into());
     crate::smtp::session::TlsInfo { version, cipher }
+}
+
+/// Client TLS for outbound SMTP. `verify`: the Mozilla roots (webpki-roots, so results do not
+/// depend on the host's CA bundle) plus `extra_ca`; otherwise any certificate is accepted, as
+/// is usual for opportunistic TLS between MTAs (RFC 7435): encryption without authentication
+/// beats plaintext, and most MX certificates do not match the MX name anyway.
+pub fn client_config(
+    verify: bool,
+    extra_ca: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let cfg = if verify {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(p) = extra_ca {
+            let pem = read(p)?;
+            for c in rustls_pemfile::certs(&mut pem.as_slice()).filter_map(Result::ok) {
+                roots.add(c)?;
+            }
+        }
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    } else {
+        rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate::new()))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// Accepts any server certificate but still checks the handshake signatures (so the session
+/// keys really belong to whoever holds the certificate's key).
+#[derive(Debug)]
+struct AnyCertificate(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl AnyCertificate {
+    fn new() -> Self {
+        AnyCertificate(rustls::crypto::ring::default_provider().signature_verification_algorithms)
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
 }

@@ -16,7 +16,7 @@ pub mod durable;
 pub mod schedule;
 pub mod spool;
 
-pub use spool::{Queue, QueueCounts};
+pub use spool::{Queue, QueueCounts, StateCounts};
 
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -110,6 +110,16 @@ pub struct Envelope {
     pub held: bool,
     /// Body size in octets.
     pub size: u64,
+    /// The client declared SMTPUTF8 (RFC 6531): a next hop without it cannot take the message
+    /// when an address or header needs UTF-8.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// RFC 6152 BODY parameter as declared (`7BIT`, `8BITMIME`), passed on to the next hop.
+    #[serde(default)]
+    pub body_type: Option<String>,
+    /// A delay warning DSN has been sent (it is sent once).
+    #[serde(default)]
+    pub delay_warned: bool,
     /// Free-form facts for logs and `queue show` (client address, HELO, authenticated user...).
     #[serde(default)]
     pub info: std::collections::BTreeMap<String, String>,
@@ -128,6 +138,9 @@ impl Envelope {
             attempts: 0,
             held: false,
             size,
+            smtputf8: false,
+            body_type: None,
+            delay_warned: false,
             info: Default::default(),
         }
     }
@@ -152,7 +165,11 @@ pub struct Lease {
 /// What happened to one recipient in a delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// Delivered into a mailbox, or accepted by a next hop that takes over the DSN duties.
     Delivered,
+    /// Accepted by a next hop that does not support DSN (RFC 3461 §4.1): a sender who asked
+    /// for NOTIFY=SUCCESS gets a "relayed" DSN from us. The queue treats it as `Delivered`.
+    Relayed,
     /// Temporary failure: try again at the next attempt time.
     Deferred(String),
     /// Permanent failure: the recipient is done (a bounce is the caller's business).

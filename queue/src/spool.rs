@@ -64,6 +64,18 @@ pub struct QueueCounts {
     pub leased: u64,
 }
 
+/// Messages by state, for metrics: `ready` (due now, waiting for a runner), `deferred`
+/// (waiting for their next attempt), `held`, `active` (being delivered).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub ready: u64,
+    pub deferred: u64,
+    pub held: u64,
+    pub active: u64,
+    /// Arrival time of the oldest message, ms since the epoch.
+    pub oldest_arrival_ms: Option<u64>,
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if self.owns_commit {
@@ -299,6 +311,29 @@ impl Queue {
         })
     }
 
+    /// The earliest due time of a message nobody is delivering right now: what a runner
+    /// sleeps until. Costs O(leased), like [`Queue::take_due`].
+    pub fn next_unleased_due_ms(&self) -> Result<Option<u64>> {
+        let leased = self.leased();
+        for kv in self.inner.due.iter().keys() {
+            let k = kv?;
+            if let Some((t, id)) = split_due_key(&k)
+                && !leased.contains(&id)
+            {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records that a delay warning went out for the message (so it goes out once).
+    pub fn mark_delay_warned(&self, id: QueueId) -> Result<()> {
+        self.update(id, |e, _| {
+            e.delay_warned = true;
+            Ok(())
+        })
+    }
+
     fn leased(&self) -> std::sync::MutexGuard<'_, HashSet<QueueId>> {
         // A poisoned lock only means a thread panicked while holding it; the set is still valid.
         self.inner.leased.lock().unwrap_or_else(|e| e.into_inner())
@@ -404,7 +439,7 @@ impl Queue {
                     }
                     r.attempts += 1;
                     match outcome {
-                        Outcome::Delivered => {
+                        Outcome::Delivered | Outcome::Relayed => {
                             r.state = RcptState::Delivered;
                             r.last_error = None;
                         }
@@ -559,6 +594,43 @@ impl Queue {
         }))?;
         drop(meta);
         self.sync()
+    }
+
+    /// Counts by state: one pass over the due index (16 bytes per message), so it suits a
+    /// metrics scrape, not a hot path.
+    pub fn state_counts(&self, now_ms: u64) -> Result<StateCounts> {
+        let leased = self.leased().clone();
+        let mut c = StateCounts {
+            active: leased.len() as u64,
+            ..Default::default()
+        };
+        let mut indexed = 0u64;
+        for kv in self.inner.due.iter().keys() {
+            let k = kv?;
+            let Some((t, id)) = split_due_key(&k) else {
+                continue;
+            };
+            indexed += 1;
+            if leased.contains(&id) {
+                continue;
+            }
+            if t <= now_ms {
+                c.ready += 1;
+            } else {
+                c.deferred += 1;
+            }
+        }
+        c.held = self
+            .inner
+            .depth
+            .load(Ordering::Relaxed)
+            .saturating_sub(indexed);
+        if let Some((k, v)) = self.inner.env.first()?
+            && let Ok(raw) = <[u8; 8]>::try_from(&k[..])
+        {
+            c.oldest_arrival_ms = Some(decode(QueueId(u64::from_be_bytes(raw)), &v)?.arrival_ms);
+        }
+        Ok(c)
     }
 
     pub fn counts(&self) -> QueueCounts {

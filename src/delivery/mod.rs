@@ -1,11 +1,14 @@
 //! Delivery: the runner that takes due work from the queue, and the [`Delivery`] trait behind
-//! which each transport sits (local mailbox store now; remote SMTP later; test doubles).
+//! which each transport sits (local mailbox store, remote SMTP, test doubles).
 //!
 //! The queue knows nothing of transports; the runner routes each pending recipient (local
 //! domain or not), hands batches to a transport, and reports per-recipient outcomes back to the
 //! queue (KumoMTA's split of storage from dispatch, chasquid's courier trait).
 
+pub mod dsn;
 pub mod local;
+pub mod mx;
+pub mod remote;
 pub mod runner;
 
 use postrider_queue::{Envelope, Outcome, QueueId};

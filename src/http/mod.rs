@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
-use postrider_queue::{QueueId, RcptState};
+use postrider_queue::{QueueId, RcptState, now_ms};
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -207,6 +207,24 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         .queue_entries
         .with_label_values(&["leased"])
         .set(c.leased as i64);
+    let q = app.queue.clone();
+    if let Ok(Ok(sc)) = tokio::task::spawn_blocking(move || q.state_counts(now_ms())).await {
+        for (state, n) in [
+            ("ready", sc.ready),
+            ("deferred", sc.deferred),
+            ("held", sc.held),
+            ("active", sc.active),
+        ] {
+            METRICS
+                .queue_entries
+                .with_label_values(&[state])
+                .set(n as i64);
+        }
+        METRICS.queue_oldest_age_seconds.set(
+            sc.oldest_arrival_ms
+                .map_or(0.0, |t| now_ms().saturating_sub(t) as f64 / 1000.0),
+        );
+    }
     let fs = app.queue.flush_stats();
     let seen = METRICS.queue_flushes.get();
     if fs.flushes > seen {
@@ -436,13 +454,61 @@ async fn queue_release(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Deserialize)]
+pub struct DeleteQuery {
+    /// Return a DSN (failed) to the sender for every recipient still pending.
+    #[serde(default)]
+    pub bounce: bool,
+}
+
 async fn queue_delete(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    Query(q): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&id)?;
-    let e = blocking(move || Ok(app.queue.delete(id)?)).await?;
-    tracing::info!(queue_id = %id, sender = %e.sender, "deleted from the queue by the operator");
+    let a = app.clone();
+    let (e, body) = blocking(move || {
+        // The body first: after the delete it is gone.
+        let body = if q.bounce {
+            a.queue.body(id).ok()
+        } else {
+            None
+        };
+        Ok((a.queue.delete(id)?, body))
+    })
+    .await?;
+    tracing::info!(queue_id = %id, sender = %e.sender, bounce = q.bounce, "deleted from the queue by the operator");
+    if let Some(body) = body {
+        use crate::delivery::dsn;
+        let entries: Vec<dsn::Entry<'_>> = e
+            .pending()
+            .map(|(_, r)| r)
+            .filter(|r| dsn::wanted(&e, r, dsn::Action::Failed))
+            .map(|r| dsn::Entry {
+                rcpt: r,
+                action: dsn::Action::Failed,
+                reason: Some(
+                    "5.0.0 message deleted from the queue by the mail system administrator".into(),
+                ),
+            })
+            .collect();
+        if !entries.is_empty() {
+            let dsn_id = dsn::enqueue(
+                &app.queue,
+                &app.cfg.server.hostname,
+                id,
+                &e,
+                &body,
+                &entries,
+                None,
+            )
+            .await
+            .map_err(|err| ApiError(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+            tracing::info!(queue_id = %id, %dsn_id, "bounce queued for the deleted message");
+            app.wake.notify_one();
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -412,6 +412,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpIo<S> {
             super::proto::Ret::Hdrs => postrider_queue::Ret::Hdrs,
         });
         env.envid = draft.params.envid.clone();
+        env.smtputf8 = draft.params.smtputf8;
+        env.body_type = draft.params.body.map(|b| b.keyword().to_string());
         env.info.insert("listener".into(), self.listener.clone());
         if let Some(h) = session.helo() {
             env.info.insert("helo".into(), h.to_string());

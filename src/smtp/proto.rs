@@ -104,6 +104,16 @@ pub enum Body {
     EightBitMime,
 }
 
+impl Body {
+    /// The RFC 6152 keyword, as sent on MAIL FROM.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Body::SevenBit => "7BIT",
+            Body::EightBitMime => "8BITMIME",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ret {
     Full,

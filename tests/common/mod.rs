@@ -78,9 +78,17 @@ admin_token = "{TOKEN}"
 
 [log]
 level = "info,postrider=debug"
+{dns}
 {extra}
 "#,
-        data = data_dir.display()
+        data = data_dir.display(),
+        // Tests never query real DNS: without a test DNS server of their own, lookups go to a
+        // closed loopback port and fail temporarily (mail to remote domains is deferred).
+        dns = if extra.contains("[dns]") {
+            ""
+        } else {
+            "[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"500ms\"\n"
+        }
     )
 }
 
