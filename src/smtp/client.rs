@@ -343,13 +343,12 @@ impl Client {
                         why: "server sent data after its 220 to STARTTLS".into(),
                     });
                 }
-                let (cfg, name) = if p.tls == TlsPolicy::Verify {
-                    (p.tls_verify.clone(), host)
+                let cfg = if p.tls == TlsPolicy::Verify {
+                    p.tls_verify.clone()
                 } else {
-                    (p.tls_any.clone(), host)
+                    p.tls_any.clone()
                 };
-                let name = server_name(name, addr);
-                match c.conn.upgrade_client(cfg, name).await {
+                match c.conn.upgrade_client(cfg, server_name(host, addr)).await {
                     Ok(info) => c.tls = Some(info),
                     Err(e) => {
                         return Err(SetupError::Tls {
