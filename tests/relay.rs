@@ -754,3 +754,242 @@ fn queue_control_through_the_cli() {
     assert_eq!(got[1].rcpts, vec!["a@dest12.test"]);
     wait_until("an empty queue", || queue_len(&s) == 0);
 }
+
+fn metrics(s: &Server) -> String {
+    ureq::get(&format!("http://{}/metrics", s.port("http")))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+}
+
+#[test]
+fn per_destination_concurrency_is_capped_and_metrics_count_attempts() {
+    let t = 13;
+    let mx = sink_at(t, 2, 0, Behaviour::default());
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .mx("dest13.test", 10, "mx.dest13.test")
+            .a("mx.dest13.test", ip(t, 2)),
+    );
+    // Two connections for this destination instead of the default 20.
+    let s = Server::start_with(
+        "\"127.0.0.1/32\"",
+        "",
+        &relay_extra(d.addr, mx.addr.port(), "").replace(
+            "[delivery]\n",
+            "[delivery]\nconcurrency_per_destination = 2\n",
+        ),
+    );
+    // 12 messages in one SMTP session, as fast as the server takes them.
+    let mut c = Smtp::connect(s.port("smtp"));
+    assert_eq!(c.cmd("EHLO client.test"), 250);
+    for i in 0..12 {
+        assert_eq!(c.cmd("MAIL FROM:<load@local.test>"), 250);
+        assert_eq!(c.cmd(&format!("RCPT TO:<r{i}@dest13.test>")), 250);
+        assert_eq!(c.cmd("DATA"), 354);
+        c.send(format!("Subject: m{i}\r\n\r\nbody {i}\r\n.\r\n").as_bytes());
+        assert_eq!(c.reply().0, 250);
+    }
+    mx.wait(12, WAIT);
+    wait_until("an empty queue", || queue_len(&s) == 0);
+    assert!(
+        mx.max_concurrent() <= 2,
+        "{} connections at once",
+        mx.max_concurrent()
+    );
+    let m = metrics(&s);
+    assert!(
+        m.contains(
+            "postrider_delivery_attempts_total{result=\"delivered\",transport=\"remote\"} 12"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains("postrider_dns_lookup_seconds_count{type=\"MX\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("postrider_delivery_delay_seconds_count{transport=\"remote\"} 12"),
+        "{m}"
+    );
+    assert!(
+        m.contains("postrider_queue_entries{state=\"deferred\"} 0"),
+        "{m}"
+    );
+}
+
+#[test]
+fn notify_success_gets_relayed_and_delivered_reports_and_never_gets_none() {
+    let t = 14;
+    let mut b = Behaviour {
+        dsn: false,
+        ..Default::default()
+    };
+    b.rcpt_replies
+        .insert("never@dest14.test".into(), "550 5.1.1 no".into());
+    let mx = sink_at(t, 2, 0, b);
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .mx("dest14.test", 10, "mx.dest14.test")
+            .a("mx.dest14.test", ip(t, 2)),
+    );
+    let s = server(d.addr, mx.addr.port(), "");
+    let mut c = Smtp::connect(s.port("smtp"));
+    assert_eq!(c.cmd("EHLO client.test"), 250);
+    assert_eq!(c.cmd("MAIL FROM:<alice@local.test> ENVID=S14"), 250);
+    assert_eq!(c.cmd("RCPT TO:<ok@dest14.test> NOTIFY=SUCCESS"), 250);
+    assert_eq!(c.cmd("RCPT TO:<never@dest14.test> NOTIFY=NEVER"), 250);
+    assert_eq!(
+        c.cmd("RCPT TO:<alice@local.test> NOTIFY=SUCCESS,FAILURE"),
+        250
+    );
+    assert_eq!(c.cmd("DATA"), 354);
+    c.send(b"Subject: notify\r\n\r\nx\r\n.\r\n");
+    assert_eq!(c.reply().0, 250);
+    let got = mx.wait(1, WAIT);
+    // The next hop has no DSN extension: no NOTIFY passed on, so we report success ourselves.
+    assert!(!mx.commands().iter().any(|(_, c)| c.contains("NOTIFY=")));
+    assert_eq!(got[0].rcpts, vec!["ok@dest14.test"]);
+    wait_until("an empty queue", || queue_len(&s) == 0);
+    // One report per message and attempt, covering both successes.
+    let msgs = s.wait_mailbox("alice@local.test", 2);
+    let mut actions = Vec::new();
+    for m in &msgs {
+        if m["subject"] == "Successful Mail Delivery Report" {
+            let dsn = parse_dsn(&s.message("alice@local.test", m["uid"].as_u64().unwrap()));
+            assert_eq!(dsn["message"]["Original-Envelope-Id"], "S14");
+            for r in dsn["recipients"].as_array().unwrap() {
+                actions.push(format!(
+                    "{} {} {}",
+                    r["Final-Recipient"].as_str().unwrap(),
+                    r["Action"].as_str().unwrap(),
+                    r["Status"].as_str().unwrap()
+                ));
+            }
+        }
+    }
+    actions.sort();
+    assert_eq!(
+        actions,
+        vec![
+            "rfc822; alice@local.test delivered 2.0.0",
+            "rfc822; ok@dest14.test relayed 2.0.0"
+        ],
+        "{msgs:?}"
+    );
+    assert_eq!(
+        s.mailbox("alice@local.test").len(),
+        2,
+        "the message and one report; nothing for NOTIFY=NEVER"
+    );
+}
+
+#[test]
+fn smtputf8_and_size_limits_of_the_next_hop_fail_clearly() {
+    let t = 15;
+    let b = Behaviour {
+        smtputf8: false,
+        size: 5000,
+        ..Default::default()
+    };
+    let mx = sink_at(t, 2, 0, b);
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .mx("dest15.test", 10, "mx.dest15.test")
+            .a("mx.dest15.test", ip(t, 2)),
+    );
+    let s = server(d.addr, mx.addr.port(), "");
+    let mut c = Smtp::connect(s.port("smtp"));
+    assert_eq!(c.cmd("EHLO client.test"), 250);
+    assert_eq!(c.cmd("MAIL FROM:<alice@local.test> SMTPUTF8"), 250);
+    assert_eq!(c.cmd("RCPT TO:<j\u{f6}rg@dest15.test>"), 250);
+    assert_eq!(c.cmd("DATA"), 354);
+    c.send("Subject: gr\u{fc}\u{df}e\r\n\r\nx\r\n.\r\n".as_bytes());
+    assert_eq!(c.reply().0, 250);
+    assert_eq!(c.cmd("MAIL FROM:<alice@local.test>"), 250);
+    assert_eq!(c.cmd("RCPT TO:<big@dest15.test>"), 250);
+    assert_eq!(c.cmd("DATA"), 354);
+    c.send(
+        format!(
+            "Subject: big\r\n\r\n{}.\r\n",
+            ("y".repeat(98) + "\r\n").repeat(60)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.reply().0, 250);
+    s.wait_mailbox("alice@local.test", 2);
+    wait_until("an empty queue", || queue_len(&s) == 0);
+    let mut statuses: Vec<String> = (1..=2)
+        .map(|n| {
+            let d = alice_dsn(&s, n);
+            format!(
+                "{} {}",
+                d["recipients"][0]["Status"].as_str().unwrap(),
+                d["recipients"][0]["Final-Recipient"].as_str().unwrap()
+            )
+        })
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![
+            "5.3.4 rfc822; big@dest15.test",
+            "5.6.7 utf-8; j\u{f6}rg@dest15.test"
+        ]
+    );
+    assert!(mx.received().is_empty());
+    assert!(
+        !mx.commands().iter().any(|(_, c)| c.starts_with("MAIL")),
+        "refused before MAIL"
+    );
+}
+
+#[test]
+fn one_delay_warning_then_the_message_still_goes_out() {
+    let t = 16;
+    let b = Behaviour {
+        greeting: 421,
+        ..Default::default()
+    };
+    let mx = sink_at(t, 2, 0, b);
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .mx("dest16.test", 10, "mx.dest16.test")
+            .a("mx.dest16.test", ip(t, 2)),
+    );
+    let s = Server::start_with(
+        "\"127.0.0.1/32\"",
+        "",
+        &relay_extra(d.addr, mx.addr.port(), "")
+            .replace("[queue]\n", "[queue]\ndelay_warning = \"700ms\"\n"),
+    );
+    s.add_user("alice@local.test", "pw");
+    let id = submit(
+        &s,
+        "alice@local.test",
+        &["slow@dest16.test"],
+        "Subject: slow\r\n\r\nx\r\n",
+    );
+    let dsn = alice_dsn(&s, 1);
+    assert_eq!(dsn["subject"], "Delayed Mail (still being retried)");
+    let r = &dsn["recipients"][0];
+    assert_eq!(r["Action"], "delayed");
+    assert!(r["Status"].as_str().unwrap().starts_with("4."), "{r}");
+    assert!(r["Will-Retry-Until"].as_str().is_some(), "{r}");
+    assert_eq!(dsn["returned_type"], "text/rfc822-headers");
+    // More failed attempts, but no second warning.
+    let after = s.api(&format!("/queue/{id}"))["attempts"].as_u64().unwrap();
+    wait_until("two more attempts", || {
+        s.api(&format!("/queue/{id}"))["attempts"].as_u64().unwrap() >= after + 2
+    });
+    assert_eq!(s.mailbox("alice@local.test").len(), 1);
+    mx.set(|b| b.greeting = 220);
+    mx.wait(1, WAIT);
+    wait_until("an empty queue", || queue_len(&s) == 0);
+    assert_eq!(s.mailbox("alice@local.test").len(), 1);
+}

@@ -15,6 +15,9 @@ pub struct Behaviour {
     pub starttls: bool,
     pub pipelining: bool,
     pub dsn: bool,
+    pub smtputf8: bool,
+    /// Announced in EHLO SIZE.
+    pub size: u64,
     /// `(user, password)`: AUTH PLAIN required before MAIL.
     pub auth: Option<(String, String)>,
     /// Recipient (lower-case) -> reply to its RCPT, e.g. "550 5.1.1 no such user".
@@ -32,6 +35,8 @@ impl Default for Behaviour {
             starttls: false,
             pipelining: true,
             dsn: true,
+            smtputf8: true,
+            size: 10_000_000,
             auth: None,
             rcpt_replies: HashMap::new(),
             defer_data: 0,
@@ -57,6 +62,8 @@ struct Shared {
     /// Every command line seen, with whether it came under TLS.
     commands: Vec<(bool, String)>,
     connections: usize,
+    active: usize,
+    max_active: usize,
 }
 
 #[derive(Clone)]
@@ -79,16 +86,22 @@ impl Sink {
         let tls = Arc::new(tls_config());
         rt.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                s2.lock().unwrap().connections += 1;
+                {
+                    let mut sh = s2.lock().unwrap();
+                    sh.connections += 1;
+                    sh.active += 1;
+                    sh.max_active = sh.max_active.max(sh.active);
+                }
                 let s3 = s2.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     if let Some(plain) = session(stream, s3.clone(), false).await {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                         if let Ok(t) = acceptor.accept(plain).await {
-                            session(t, s3, true).await;
+                            session(t, s3.clone(), true).await;
                         }
                     }
+                    s3.lock().unwrap().active -= 1;
                 });
             }
         });
@@ -109,6 +122,11 @@ impl Sink {
 
     pub fn connections(&self) -> usize {
         self.shared.lock().unwrap().connections
+    }
+
+    /// Most connections that were open at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.shared.lock().unwrap().max_active
     }
 
     /// Polls until `n` messages arrived (panics after `timeout`).
@@ -192,7 +210,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if b.auth.is_some() {
                 s.push_str("250-AUTH PLAIN LOGIN\r\n");
             }
-            s.push_str("250-SIZE 10000000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n");
+            s.push_str(&format!("250-SIZE {}\r\n", b.size));
+            if b.smtputf8 {
+                s.push_str("250-SMTPUTF8\r\n");
+            }
+            s.push_str("250 8BITMIME\r\n");
             s
         } else if upper.starts_with("HELO") {
             "250 sink.test\r\n".into()
