@@ -16,64 +16,26 @@ S=${2:-20}
 L=${3:-2048}
 SINK=127.0.0.1:2598
 
-if ! command -v smtp-source >/dev/null 2>&1; then
-  apt-get update -qq
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
-fi
-[ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
-postconf -e inet_interfaces=loopback-only inet_protocols=ipv4 myhostname=localhost \
-  mydestination=localhost mynetworks=127.0.0.0/8 relayhost="[127.0.0.1]:2598" \
-  smtpd_tls_security_level=none smtp_tls_security_level=none alias_maps= alias_database= \
-  compatibility_level=3.6
-postfix stop >/dev/null 2>&1 || true
-postfix start >/dev/null 2>&1
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/25) 2>/dev/null && break; sleep 0.1; done
-
-cargo build --release -q
-work=$(mktemp -d -p "$PWD/target")
-trap 'kill $PR_PID $SINK_PID 2>/dev/null || true; postfix stop >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-cat >"$work/postrider.toml" <<EOF
-[server]
-hostname = "localhost"
-data_dir = "$work/data"
-[[listener]]
-name = "smtp"
-kind = "smtp"
-bind = "127.0.0.1:0"
+source benches/lib.sh
+install_postfix
+start_postfix relayhost="[127.0.0.1]:2598" smtp_tls_security_level=none
+trap cleanup EXIT
+start_postrider <<EOF
 [domains]
 local = ["localhost"]
 [relay]
 networks = ["127.0.0.0/8"]
-[limits]
-max_connections_per_ip = 1000
 [[route]]
 domains = ["*"]
 next_hop = "$SINK"
 tls = "none"
 [dns]
 nameservers = ["127.0.0.1:9"]
-[http]
-bind = "127.0.0.1:0"
-[log]
-level = "warn"
 EOF
-./target/release/postrider serve --config "$work/postrider.toml" >"$work/out" 2>"$work/err" &
-PR_PID=$!
-for _ in $(seq 100); do grep -q '^ready' "$work/out" 2>/dev/null && break; sleep 0.1; done
-PR_ADDR=$(awk '$1=="listening" && $2=="smtp" {print $3}' "$work/out")
-HTTP_ADDR=$(awk '$1=="listening" && $2=="http" {print $3}' "$work/out")
 
 smtp-sink -u nobody -c "$SINK" 1000 >/dev/null 2>&1 &
 SINK_PID=$!
 sleep 0.3
-
-drained() { # label: 0 when that server's queue is empty
-  case "$1" in
-    Postfix*) postqueue -p 2>/dev/null | grep -q "Mail queue is empty" ;;
-    postrider*) curl -s "http://$HTTP_ADDR/metrics" | grep -q '^postrider_queue_messages 0$' ;;
-  esac
-}
 
 rate() { # label, target
   local start end done_at

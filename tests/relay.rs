@@ -33,6 +33,16 @@ fn sink_at(test: u8, host: u8, port: u16, b: Behaviour) -> Sink {
     Sink::start(&RT, SocketAddr::from((ip(test, host), port)), b)
 }
 
+/// The usual world: domain `dest{t}.test` with one MX, `mx.dest{t}.test` at 127.1.t.2, played
+/// by a sink with behaviour `b`.
+fn one_mx(t: u8, b: Behaviour) -> (Sink, dns::TestDns) {
+    let mx = sink_at(t, 2, 0, b);
+    let zone = dns::Zone::new("test")
+        .mx(&format!("dest{t}.test"), 10, &format!("mx.dest{t}.test"))
+        .a(&format!("mx.dest{t}.test"), ip(t, 2));
+    (mx, dns::start(&RT, zone))
+}
+
 fn relay_extra(dns: SocketAddr, port: u16, more: &str) -> String {
     format!(
         r#"
@@ -55,10 +65,20 @@ retry_max = "600ms"
 
 /// Starts postrider with relay rights for loopback clients and the given DNS and port.
 fn server(dns: SocketAddr, port: u16, more: &str) -> Server {
+    server_edited(dns, port, more, |c| c)
+}
+
+/// [`server`] with the config text edited first (to change one of the test defaults).
+fn server_edited(
+    dns: SocketAddr,
+    port: u16,
+    more: &str,
+    edit: impl Fn(String) -> String,
+) -> Server {
     let s = Server::start_with(
         "\"127.0.0.1/32\"",
         "auth_failure_delay = \"10ms\"",
-        &relay_extra(dns, port, more),
+        &edit(relay_extra(dns, port, more)),
     );
     s.add_user("alice@local.test", "alice-pw");
     s
@@ -330,13 +350,7 @@ fn a_4xx_is_retried_until_it_succeeds() {
         defer_data: 2,
         ..Default::default()
     };
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest5.test", 10, "mx.dest5.test")
-            .a("mx.dest5.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let s = server(d.addr, mx.addr.port(), "");
     let id = submit(
         &s,
@@ -363,13 +377,7 @@ fn permanent_failure_bounces_with_a_standard_dsn() {
         "gone@dest6.test".into(),
         "550 5.1.1 <gone@dest6.test>: no such user".into(),
     );
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest6.test", 10, "mx.dest6.test")
-            .a("mx.dest6.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let s = server(d.addr, mx.addr.port(), "");
     let mut c = Smtp::connect(s.port("smtp"));
     assert_eq!(c.cmd("EHLO client.test"), 250);
@@ -434,13 +442,7 @@ fn recipients_are_handled_one_by_one() {
         .insert("no@dest7.test".into(), "550 5.1.1 no".into());
     b.rcpt_replies
         .insert("later@dest7.test".into(), "452 4.2.2 mailbox full".into());
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest7.test", 10, "mx.dest7.test")
-            .a("mx.dest7.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let s = server(d.addr, mx.addr.port(), "");
     let id = submit(
         &s,
@@ -527,13 +529,7 @@ fn starttls_with_a_self_signed_certificate() {
         starttls: true,
         ..Default::default()
     };
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest8.test", 10, "mx.dest8.test")
-            .a("mx.dest8.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let s = server(d.addr, mx.addr.port(), "");
     submit(
         &s,
@@ -655,13 +651,7 @@ fn deferred_mail_survives_a_restart() {
         greeting: 421,
         ..Default::default()
     };
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest11.test", 10, "mx.dest11.test")
-            .a("mx.dest11.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let mut s = server(d.addr, mx.addr.port(), "");
     let id = submit(
         &s,
@@ -687,23 +677,14 @@ fn queue_control_through_the_cli() {
         greeting: 421,
         ..Default::default()
     };
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest12.test", 10, "mx.dest12.test")
-            .a("mx.dest12.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     // Long retry delays: only hold/release/flush make things happen.
-    let s = Server::start_with(
-        "\"127.0.0.1/32\"",
-        "",
-        &relay_extra(d.addr, mx.addr.port(), "").replace(
+    let s = server_edited(d.addr, mx.addr.port(), "", |c| {
+        c.replace(
             "retry_initial = \"300ms\"\nretry_max = \"600ms\"",
             "retry_initial = \"1h\"\nretry_max = \"2h\"",
-        ),
-    );
-    s.add_user("alice@local.test", "pw");
+        )
+    });
     let a = submit(
         &s,
         "alice@local.test",
@@ -766,22 +747,14 @@ fn metrics(s: &Server) -> String {
 #[test]
 fn per_destination_concurrency_is_capped_and_metrics_count_attempts() {
     let t = 13;
-    let mx = sink_at(t, 2, 0, Behaviour::default());
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest13.test", 10, "mx.dest13.test")
-            .a("mx.dest13.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, Behaviour::default());
     // Two connections for this destination instead of the default 20.
-    let s = Server::start_with(
-        "\"127.0.0.1/32\"",
-        "",
-        &relay_extra(d.addr, mx.addr.port(), "").replace(
+    let s = server_edited(d.addr, mx.addr.port(), "", |c| {
+        c.replace(
             "[delivery]\n",
             "[delivery]\nconcurrency_per_destination = 2\n",
-        ),
-    );
+        )
+    });
     // 12 messages in one SMTP session, as fast as the server takes them.
     let mut c = Smtp::connect(s.port("smtp"));
     assert_eq!(c.cmd("EHLO client.test"), 250);
@@ -829,13 +802,7 @@ fn notify_success_gets_relayed_and_delivered_reports_and_never_gets_none() {
     };
     b.rcpt_replies
         .insert("never@dest14.test".into(), "550 5.1.1 no".into());
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest14.test", 10, "mx.dest14.test")
-            .a("mx.dest14.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let s = server(d.addr, mx.addr.port(), "");
     let mut c = Smtp::connect(s.port("smtp"));
     assert_eq!(c.cmd("EHLO client.test"), 250);
@@ -895,13 +862,7 @@ fn smtputf8_and_size_limits_of_the_next_hop_fail_clearly() {
         size: 5000,
         ..Default::default()
     };
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest15.test", 10, "mx.dest15.test")
-            .a("mx.dest15.test", ip(t, 2)),
-    );
+    let (mx, d) = one_mx(t, b);
     let s = server(d.addr, mx.addr.port(), "");
     let mut c = Smtp::connect(s.port("smtp"));
     assert_eq!(c.cmd("EHLO client.test"), 250);
@@ -955,20 +916,10 @@ fn one_delay_warning_then_the_message_still_goes_out() {
         greeting: 421,
         ..Default::default()
     };
-    let mx = sink_at(t, 2, 0, b);
-    let d = dns::start(
-        &RT,
-        dns::Zone::new("test")
-            .mx("dest16.test", 10, "mx.dest16.test")
-            .a("mx.dest16.test", ip(t, 2)),
-    );
-    let s = Server::start_with(
-        "\"127.0.0.1/32\"",
-        "",
-        &relay_extra(d.addr, mx.addr.port(), "")
-            .replace("[queue]\n", "[queue]\ndelay_warning = \"700ms\"\n"),
-    );
-    s.add_user("alice@local.test", "pw");
+    let (mx, d) = one_mx(t, b);
+    let s = server_edited(d.addr, mx.addr.port(), "", |c| {
+        c.replace("[queue]\n", "[queue]\ndelay_warning = \"700ms\"\n")
+    });
     let id = submit(
         &s,
         "alice@local.test",

@@ -73,7 +73,20 @@ impl Resolver {
     pub fn new(cfg: &DnsConfig) -> Result<Resolver, NetError> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if cfg.nameservers.is_empty() {
-            TokioResolver::builder(provider)?
+            match TokioResolver::builder(provider.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    // A host without a usable /etc/resolv.conf still runs (local mail works);
+                    // remote mail is deferred until DNS works or [dns] names servers.
+                    tracing::error!(error = %e, "cannot read the system DNS configuration; using 127.0.0.1:53");
+                    TokioResolver::builder_with_config(
+                        ResolverConfig::from_name_servers(vec![NameServerConfig::udp_and_tcp(
+                            std::net::Ipv4Addr::LOCALHOST.into(),
+                        )]),
+                        provider,
+                    )
+                }
+            }
         } else {
             let servers = cfg
                 .nameservers

@@ -55,6 +55,14 @@ struct Finished {
     local: HashSet<usize>,
 }
 
+/// The transport's outcome for recipient `i`; a transport that forgot one defers it.
+fn outcome_for(got: &[(usize, Outcome)], i: usize) -> Outcome {
+    got.iter()
+        .find(|(j, _)| *j == i)
+        .map(|(_, o)| o.clone())
+        .unwrap_or_else(|| Outcome::Deferred("4.3.0 transport gave no result".into()))
+}
+
 fn domain_of(addr: &str) -> &str {
     addr.rsplit_once('@').map_or("", |(_, d)| d)
 }
@@ -185,13 +193,7 @@ impl Runner {
                     .cloned()
                     .unwrap_or_default();
                 for &i in &local {
-                    let o = got
-                        .iter()
-                        .find(|(j, _)| *j == i)
-                        .map(|(_, o)| o.clone())
-                        .unwrap_or_else(|| {
-                            Outcome::Deferred("4.3.0 transport gave no result".into())
-                        });
+                    let o = outcome_for(&got, i);
                     METRICS
                         .delivery_attempts
                         .with_label_values(&["local", outcome_class(&o)])
@@ -224,14 +226,7 @@ impl Runner {
                 };
                 let got = me.remote.deliver(vec![job]).await.pop().unwrap_or_default();
                 for i in remote {
-                    let o = got
-                        .iter()
-                        .find(|(j, _)| *j == i)
-                        .map(|(_, o)| o.clone())
-                        .unwrap_or_else(|| {
-                            Outcome::Deferred("4.3.0 transport gave no result".into())
-                        });
-                    outcomes.push((i, o));
+                    outcomes.push((i, outcome_for(&got, i)));
                 }
                 drop(permit);
                 let _ = tx.send(Finished {

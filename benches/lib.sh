@@ -1,0 +1,67 @@
+# Shared set-up for the Postfix comparison scripts (sourced, not run). Everything binds
+# 127.0.0.1; every server started here is stopped by the caller's EXIT trap (see cleanup).
+
+# Installs Debian's postfix (with smtp-source and smtp-sink) if missing; needs root.
+install_postfix() {
+  if ! command -v smtp-source >/dev/null 2>&1; then
+    apt-get update -qq
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
+  fi
+  [ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
+}
+
+# Configures Postfix for loopback only (plus the caller's postconf settings) and (re)starts it.
+start_postfix() {
+  postconf -e inet_interfaces=loopback-only inet_protocols=ipv4 myhostname=localhost \
+    mydestination=localhost mynetworks=127.0.0.0/8 smtpd_tls_security_level=none \
+    alias_maps= alias_database= compatibility_level=3.6 "$@"
+  postfix stop >/dev/null 2>&1 || true
+  postfix start >/dev/null 2>&1
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/25) 2>/dev/null && break; sleep 0.1; done
+}
+
+# Builds and starts postrider with an SMTP listener and the admin API on free ports, plus the
+# caller's config sections (stdin). Sets work, PR_PID, PR_ADDR, HTTP_ADDR.
+start_postrider() {
+  cargo build --release -q
+  work=$(mktemp -d -p "$PWD/target")
+  {
+    cat <<EOF
+[server]
+hostname = "localhost"
+data_dir = "$work/data"
+[[listener]]
+name = "smtp"
+kind = "smtp"
+bind = "127.0.0.1:0"
+[limits]
+max_connections_per_ip = 1000
+[http]
+bind = "127.0.0.1:0"
+[log]
+level = "warn"
+EOF
+    cat
+  } >"$work/postrider.toml"
+  ./target/release/postrider serve --config "$work/postrider.toml" >"$work/out" 2>"$work/err" &
+  PR_PID=$!
+  for _ in $(seq 100); do grep -q '^ready' "$work/out" 2>/dev/null && break; sleep 0.1; done
+  PR_ADDR=$(awk '$1=="listening" && $2=="smtp" {print $3}' "$work/out")
+  HTTP_ADDR=$(awk '$1=="listening" && $2=="http" {print $3}' "$work/out")
+}
+
+cleanup() {
+  kill ${PR_PID:-} ${SINK_PID:-} 2>/dev/null || true
+  postfix stop >/dev/null 2>&1 || true
+  [ -n "${work:-}" ] && rm -rf "$work"
+}
+
+# 0 when the labelled server's queue is empty.
+drained() {
+  case "$1" in
+    Postfix*) postqueue -p 2>/dev/null | grep -q "Mail queue is empty" ;;
+    postrider*) curl -s "http://$HTTP_ADDR/metrics" | grep -q '^postrider_queue_messages 0$' ;;
+    *) true ;;
+  esac
+}
