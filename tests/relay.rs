@@ -944,3 +944,62 @@ fn one_delay_warning_then_the_message_still_goes_out() {
     wait_until("an empty queue", || queue_len(&s) == 0);
     assert_eq!(s.mailbox("alice@local.test").len(), 1);
 }
+
+#[test]
+fn a_5xx_greeting_moves_on_to_the_next_mx() {
+    let t = 17;
+    let refusing = sink_at(
+        t,
+        2,
+        0,
+        Behaviour {
+            greeting: 554,
+            ..Default::default()
+        },
+    );
+    let port = refusing.addr.port();
+    let backup = sink_at(t, 3, port, Behaviour::default());
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .mx("dest17.test", 10, "mx1.dest17.test")
+            .mx("dest17.test", 20, "mx2.dest17.test")
+            .a("mx1.dest17.test", ip(t, 2))
+            .a("mx2.dest17.test", ip(t, 3)),
+    );
+    let s = server(d.addr, port, "");
+    submit(
+        &s,
+        "alice@local.test",
+        &["x@dest17.test"],
+        "Subject: g\r\n\r\nx\r\n",
+    );
+    assert_eq!(backup.wait(1, WAIT)[0].rcpts, vec!["x@dest17.test"]);
+    assert!(refusing.connections() >= 1, "the primary was tried first");
+    wait_until("an empty queue", || queue_len(&s) == 0);
+    assert!(s.mailbox("alice@local.test").is_empty());
+}
+
+#[test]
+fn an_mx_that_is_ourselves_is_a_loop_not_a_delivery() {
+    let t = 18;
+    // The far side answers EHLO with our own name, as we would if the MX pointed back at us.
+    let (mx, d) = one_mx(
+        t,
+        Behaviour {
+            name: "mx.local.test".into(),
+            ..Default::default()
+        },
+    );
+    let s = server(d.addr, mx.addr.port(), "");
+    submit(
+        &s,
+        "alice@local.test",
+        &["x@dest18.test"],
+        "Subject: l\r\n\r\nx\r\n",
+    );
+    let dsn = alice_dsn(&s, 1);
+    assert_eq!(dsn["recipients"][0]["Status"], "5.4.6");
+    assert!(mx.received().is_empty());
+    wait_until("an empty queue", || queue_len(&s) == 0);
+}

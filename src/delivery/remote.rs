@@ -407,6 +407,8 @@ impl RemoteDelivery {
                 }
                 match r {
                     Ok(c) => return Ok(c),
+                    // Trying other hosts of a destination that includes us cannot help.
+                    Err(e @ SetupError::Loop { .. }) => return Err(Outcome::Failed(e.to_string())),
                     Err(e) => {
                         tracing::info!(%addr, %host, error = %e, "next address");
                         temporary = true;

@@ -181,6 +181,9 @@ pub enum SetupError {
     /// Our TLS policy cannot be met (no STARTTLS, credentials would go in clear).
     #[error("{0}")]
     Policy(String),
+    /// The next hop greeted us with our own name: delivering there would loop.
+    #[error("5.4.6 mail loops back to myself ({peer} greeted us as {name})")]
+    Loop { peer: String, name: String },
     #[error("4.4.2 {peer}: {why} (during {stage})")]
     Lost {
         peer: String,
@@ -322,6 +325,8 @@ impl Client {
         };
         let greeting = c.expect(p.timeouts.greeting, "initial greeting").await?;
         if !greeting.is_positive() {
+            // RFC 5321 §3.1: after a refusing greeting the client should still say QUIT.
+            let _ = c.write(b"QUIT\r\n", Duration::from_secs(5)).await;
             return Err(c.refused(&greeting, "initial greeting"));
         }
         c.hello(&p.helo).await?;
@@ -396,6 +401,7 @@ impl Client {
             .command(&format!("EHLO {helo}\r\n"), self.t.command, "EHLO")
             .await?;
         if r.is_positive() {
+            self.check_loop(&r, helo)?;
             self.ext = Extensions::from_ehlo(&r);
             return Ok(());
         }
@@ -406,7 +412,28 @@ impl Client {
         if !r.is_positive() {
             return Err(self.refused(&r, "HELO"));
         }
+        self.check_loop(&r, helo)?;
         self.ext = Extensions::default();
+        Ok(())
+    }
+
+    /// RFC 5321 §5.1: an MX that is us must not be delivered to. The EHLO/HELO reply starts
+    /// with the server's name; ours there means a route or MX points back at this server.
+    fn check_loop(&self, r: &Response, helo: &str) -> Result<(), SetupError> {
+        let name = r
+            .lines
+            .first()
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("");
+        if name
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(helo.trim_end_matches('.'))
+        {
+            return Err(SetupError::Loop {
+                peer: self.peer.clone(),
+                name: name.to_string(),
+            });
+        }
         Ok(())
     }
 

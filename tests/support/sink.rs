@@ -12,6 +12,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 pub struct Behaviour {
     /// Code of the greeting (220; 421 or 554 to refuse).
     pub greeting: u16,
+    /// The name it gives in its greeting and EHLO reply.
+    pub name: String,
     pub starttls: bool,
     pub pipelining: bool,
     pub dsn: bool,
@@ -32,6 +34,7 @@ impl Default for Behaviour {
     fn default() -> Self {
         Behaviour {
             greeting: 220,
+            name: "sink.test".into(),
             starttls: false,
             pipelining: true,
             dsn: true,
@@ -171,9 +174,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if !tls {
         let g = b.greeting;
         let text = if g == 220 {
-            "220 sink.test ESMTP test sink\r\n".to_string()
+            format!("220 {} ESMTP test sink\r\n", b.name)
         } else {
-            format!("{g} sink.test go away\r\n")
+            format!("{g} {} go away\r\n", b.name)
         };
         r.get_mut().write_all(text.as_bytes()).await.ok()?;
         if g != 220 {
@@ -197,7 +200,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         let b = shared.lock().unwrap().behaviour.clone();
         let upper = line.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") {
-            let mut s = String::from("250-sink.test\r\n");
+            let mut s = format!("250-{}\r\n", b.name);
             if b.pipelining {
                 s.push_str("250-PIPELINING\r\n");
             }
@@ -217,7 +220,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             s.push_str("250 8BITMIME\r\n");
             s
         } else if upper.starts_with("HELO") {
-            "250 sink.test\r\n".into()
+            format!("250 {}\r\n", b.name)
         } else if upper == "STARTTLS" && b.starttls && !tls {
             r.get_mut()
                 .write_all(b"220 2.0.0 go ahead\r\n")
