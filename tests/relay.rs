@@ -1003,3 +1003,30 @@ fn an_mx_that_is_ourselves_is_a_loop_not_a_delivery() {
     assert!(mx.received().is_empty());
     wait_until("an empty queue", || queue_len(&s) == 0);
 }
+
+#[test]
+fn many_recipients_go_in_transactions_of_100_and_address_literals_skip_dns() {
+    let t = 19;
+    let (mx, d) = one_mx(t, Behaviour::default());
+    let s = server(d.addr, mx.addr.port(), "");
+    let rcpts: Vec<String> = (0..150).map(|i| format!("r{i}@dest19.test")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    submit(&s, "alice@local.test", &refs, "Subject: many\r\n\r\nx\r\n");
+    let got = mx.wait(2, WAIT);
+    assert_eq!(got[0].rcpts.len() + got[1].rcpts.len(), 150);
+    assert!(
+        got.iter().all(|m| m.rcpts.len() <= 100),
+        "RFC 5321 4.5.3.1.8"
+    );
+    assert_eq!(mx.connections(), 1, "both transactions on one connection");
+    // user@[127.1.19.2]: straight to that address, no MX lookup.
+    let lit = format!("lit@[{}]", ip(t, 2));
+    submit(
+        &s,
+        "alice@local.test",
+        &[lit.as_str()],
+        "Subject: literal\r\n\r\nx\r\n",
+    );
+    assert_eq!(mx.wait(3, WAIT)[2].rcpts, vec![lit.clone()]);
+    wait_until("an empty queue", || queue_len(&s) == 0);
+}

@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, oneshot};
 
+/// Recipients per transaction (RFC 5321 §4.5.3.1.8: the minimum a server must accept).
+const MAX_RCPTS: usize = 100;
+
 /// Where a destination's mail goes.
 #[derive(Debug, Clone)]
 enum Target {
@@ -138,6 +141,23 @@ impl RemoteDelivery {
                     },
                 );
             }
+        }
+        // RFC 5321 §4.1.3 address literal: that host, no DNS.
+        if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+            let host = lit
+                .strip_prefix("IPv6:")
+                .or_else(|| lit.strip_prefix("ipv6:"))
+                .unwrap_or(lit)
+                .to_string();
+            return (
+                format!("literal:{host}"),
+                Target::Hop {
+                    host,
+                    port: self.inner.port,
+                    tls: TlsPolicy::Opportunistic,
+                    auth: None,
+                },
+            );
         }
         let d = domain.to_ascii_lowercase();
         (format!("mx:{d}"), Target::Mx(d))
@@ -308,46 +328,63 @@ impl RemoteDelivery {
             .iter()
             .filter_map(|&i| env.recipients.get(i).map(|r| (i, r)))
             .collect();
-        let mut result = None;
+        let mut results = Vec::with_capacity(rcpts.len());
+        // RFC 5321 §4.5.3.1.8 obliges servers to take only 100 recipients per transaction;
+        // more go in further transactions on the same connection.
+        for (n, chunk) in rcpts.chunks(MAX_RCPTS).enumerate() {
+            match self.transaction(dest, client, &msg, chunk).await {
+                Ok((r, peer, tls)) => {
+                    log_outcomes(work.id, env, &r, &peer, tls.as_deref(), started);
+                    results.extend(r);
+                }
+                Err(o) if n == 0 => {
+                    self.fail_waiting(dest, &o, work, started).await;
+                    return;
+                }
+                Err(o) => results.extend(chunk.iter().map(|(i, _)| (*i, o.clone()))),
+            }
+        }
+        record(&results, started);
+        let _ = work.reply.send(results);
+    }
+
+    /// One transaction for `rcpts`, on the held connection or a new one; returns the outcomes
+    /// with the peer and TLS version (for the log). `Err`: no connection could be made (the
+    /// outcome for everything waiting for this destination).
+    async fn transaction(
+        &self,
+        dest: &Arc<Dest>,
+        client: &mut Option<Client>,
+        msg: &OutMessage<'_>,
+        rcpts: &[(usize, &postrider_queue::Recipient)],
+    ) -> Result<(Vec<(usize, Outcome)>, String, Option<String>), Outcome> {
         // At most two tries: a reused connection may turn out dead (the server closed it while
         // idle); then once more on a fresh one.
         for _ in 0..2 {
             let reused = client.is_some();
             if client.is_none() {
-                match self.connect(&dest.target).await {
-                    Ok(c) => *client = Some(c),
-                    Err(o) => {
-                        self.fail_waiting(dest, &o, work, started).await;
-                        return;
-                    }
-                }
+                *client = Some(self.connect(&dest.target).await?);
             }
             let Some(c) = client.as_mut() else { break };
-            match c.send(&msg, &rcpts, reused).await {
+            match c.send(msg, rcpts, reused).await {
                 Sent::Stale(why) => {
                     tracing::debug!(peer = %c.peer, %why, "cached connection was dead; reconnecting");
                     *client = None;
                 }
                 Sent::Done(r, alive) => {
-                    let peer = c.peer.clone();
-                    let tls = c.tls.as_ref().map(|t| t.version.clone());
+                    let (peer, tls) = (c.peer.clone(), c.tls.as_ref().map(|t| t.version.clone()));
                     if !alive {
                         *client = None;
                     }
-                    log_outcomes(work.id, env, &r, &peer, tls.as_deref(), started);
-                    result = Some(r);
-                    break;
+                    return Ok((r, peer, tls));
                 }
             }
         }
-        let r = result.unwrap_or_else(|| {
-            work.rcpts
-                .iter()
-                .map(|&i| (i, Outcome::Deferred("4.4.2 connection lost twice".into())))
-                .collect()
-        });
-        record(&r, started);
-        let _ = work.reply.send(r);
+        let lost = rcpts
+            .iter()
+            .map(|(i, _)| (*i, Outcome::Deferred("4.4.2 connection lost twice".into())))
+            .collect();
+        Ok((lost, dest.key.clone(), None))
     }
 
     /// The destination is unreachable: this work and everything queued behind it get the same
