@@ -1030,3 +1030,43 @@ fn many_recipients_go_in_transactions_of_100_and_address_literals_skip_dns() {
     assert_eq!(mx.wait(3, WAIT)[2].rcpts, vec![lit.clone()]);
     wait_until("an empty queue", || queue_len(&s) == 0);
 }
+
+#[test]
+fn a_silent_server_times_out_and_the_next_mx_is_used() {
+    let t = 20;
+    let silent = sink_at(
+        t,
+        2,
+        0,
+        Behaviour {
+            greeting: 0,
+            ..Default::default()
+        },
+    );
+    let port = silent.addr.port();
+    let backup = sink_at(t, 3, port, Behaviour::default());
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .mx("dest20.test", 10, "mx1.dest20.test")
+            .mx("dest20.test", 20, "mx2.dest20.test")
+            .a("mx1.dest20.test", ip(t, 2))
+            .a("mx2.dest20.test", ip(t, 3)),
+    );
+    let s = server_edited(d.addr, port, "", |c| {
+        c.replace("[delivery]\n", "[delivery]\ngreeting_timeout = \"300ms\"\n")
+    });
+    submit(
+        &s,
+        "alice@local.test",
+        &["x@dest20.test"],
+        "Subject: t\r\n\r\nx\r\n",
+    );
+    assert_eq!(backup.wait(1, WAIT)[0].rcpts, vec!["x@dest20.test"]);
+    assert_eq!(silent.connections(), 1);
+    let log = s.log();
+    assert!(
+        log.contains("timed out") && log.contains("initial greeting"),
+        "{log}"
+    );
+}

@@ -908,6 +908,62 @@ mod tests {
         );
     }
 
+    fn params() -> ConnectParams {
+        ConnectParams {
+            helo: "me.test".into(),
+            tls: TlsPolicy::Opportunistic,
+            tls_any: crate::tls::client_config(false, None).unwrap(),
+            tls_verify: crate::tls::client_config(true, None).unwrap(),
+            auth: None,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(2),
+                greeting: Duration::from_secs(2),
+                command: Duration::from_secs(2),
+                data: Duration::from_secs(2),
+            },
+        }
+    }
+
+    /// A server that sends `bytes` and then holds the connection.
+    async fn server_sending(bytes: Vec<u8>) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = l.accept().await {
+                let _ = s.write_all(&bytes).await;
+                let mut sink = [0u8; 1024];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn hostile_replies_are_bounded() {
+        // An endless line: refused once it passes the line limit, not buffered forever.
+        let addr = server_sending(vec![b'2'; 1 << 20]).await;
+        match Client::open(addr, "flood.test", &params(), false).await {
+            Err(SetupError::Lost { why, .. }) => assert!(why.contains("too long"), "{why}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // Endless continuation lines.
+        let addr = server_sending(b"220-x\r\n".repeat(1000)).await;
+        match Client::open(addr, "flood.test", &params(), false).await {
+            Err(SetupError::Lost { why, .. }) => assert!(why.contains("too many lines"), "{why}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // Not SMTP at all.
+        let addr = server_sending(b"HTTP/1.1 400 Bad Request\r\n".to_vec()).await;
+        match Client::open(addr, "web.test", &params(), false).await {
+            Err(SetupError::Lost { why, .. }) => assert!(why.contains("malformed"), "{why}"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
     #[test]
     fn smtputf8_needed_only_for_real_utf8() {
         let r = Recipient::new("b@y");

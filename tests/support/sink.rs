@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 
 #[derive(Clone, Debug)]
 pub struct Behaviour {
-    /// Code of the greeting (220; 421 or 554 to refuse).
+    /// Code of the greeting (220; 421 or 554 to refuse; 0: never greet).
     pub greeting: u16,
     /// The name it gives in its greeting and EHLO reply.
     pub name: String,
@@ -173,6 +173,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut r = BufReader::new(stream);
     if !tls {
         let g = b.greeting;
+        if g == 0 {
+            // Silent: hold the connection without a greeting (a hung server).
+            let mut line = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line)).await;
+            return None;
+        }
         let text = if g == 220 {
             format!("220 {} ESMTP test sink\r\n", b.name)
         } else {
