@@ -1070,3 +1070,61 @@ fn a_silent_server_times_out_and_the_next_mx_is_used() {
         "{log}"
     );
 }
+
+#[test]
+fn verify_accepts_a_trusted_certificate_and_defers_on_a_name_mismatch() {
+    let t = 21;
+    let b = Behaviour {
+        starttls: true,
+        ..Default::default()
+    };
+    let mx = sink_at(t, 2, 0, b);
+    let d = dns::start(
+        &RT,
+        dns::Zone::new("test")
+            .a("sink.test", ip(t, 2))
+            .a("wrongname.test", ip(t, 2)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &mx.ca_pem).unwrap();
+    let port = mx.addr.port();
+    let routes = format!(
+        "[[route]]\ndomains = [\"good21.test\"]\nnext_hop = \"sink.test:{port}\"\ntls = \"verify\"\n\
+         [[route]]\ndomains = [\"bad21.test\"]\nnext_hop = \"wrongname.test:{port}\"\ntls = \"verify\"\n"
+    );
+    let s = server_edited(d.addr, 1, &routes, |c| {
+        c.replace(
+            "[delivery]\n",
+            &format!("[delivery]\nca_file = \"{}\"\n", ca.display()),
+        )
+    });
+    submit(
+        &s,
+        "alice@local.test",
+        &["x@good21.test"],
+        "Subject: v\r\n\r\nx\r\n",
+    );
+    let got = mx.wait(1, WAIT);
+    assert!(got[0].tls && got[0].rcpts == vec!["x@good21.test"]);
+    let id = submit(
+        &s,
+        "alice@local.test",
+        &["y@bad21.test"],
+        "Subject: v\r\n\r\ny\r\n",
+    );
+    wait_until("a TLS deferral", || {
+        s.api(&format!("/queue/{id}"))["recipients"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("4.7.5 ") || e.starts_with("4.7.4 "))
+    });
+    assert_eq!(
+        mx.received().len(),
+        1,
+        "nothing sent to the host with the wrong name"
+    );
+    assert!(
+        s.mailbox("alice@local.test").is_empty(),
+        "deferred, not bounced"
+    );
+}

@@ -72,6 +72,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Sink {
     pub addr: SocketAddr,
+    /// PEM of the test CA that signed the sink's certificate (for `sink.test`).
+    pub ca_pem: String,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -86,7 +88,8 @@ impl Sink {
             ..Default::default()
         }));
         let s2 = shared.clone();
-        let tls = Arc::new(tls_config());
+        let (tls, ca_pem) = tls_config();
+        let tls = Arc::new(tls);
         rt.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 {
@@ -108,7 +111,11 @@ impl Sink {
                 });
             }
         });
-        Sink { addr, shared }
+        Sink {
+            addr,
+            ca_pem,
+            shared,
+        }
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
@@ -151,16 +158,32 @@ impl Sink {
     }
 }
 
-fn tls_config() -> rustls::ServerConfig {
-    let ck = rcgen::generate_simple_self_signed(vec!["sink.test".to_string()]).unwrap();
-    let cert = rustls::pki_types::CertificateDer::from(ck.cert.der().to_vec());
-    let key = rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
+/// A certificate for `sink.test` issued by a fresh test CA (so clients can verify it when they
+/// trust the CA), and the CA's PEM.
+fn tls_config() -> (rustls::ServerConfig, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "postrider test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["sink.test".to_string()])
         .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let chain = vec![leaf.der().clone(), ca.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    (cfg, ca.pem())
 }
 
 /// Runs one session; returns the stream when the client asked for STARTTLS.
