@@ -185,6 +185,13 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     });
     let domains = cfg.domains.clone();
     let remote = crate::delivery::remote::RemoteDelivery::new(&cfg)?;
+    let recovered = queue.recover_in_flight(cfg.queue.retry_initial.as_millis() as u64)?;
+    if recovered > 0 {
+        tracing::warn!(
+            messages = recovered,
+            "messages were being delivered when the server stopped; they are retried after queue.retry_initial"
+        );
+    }
     let runner = Runner {
         queue: queue.clone(),
         local: Arc::new(local),

@@ -1128,3 +1128,45 @@ fn verify_accepts_a_trusted_certificate_and_defers_on_a_name_mismatch() {
         "deferred, not bounced"
     );
 }
+
+#[test]
+fn a_crash_during_a_remote_attempt_does_not_retry_it_at_once() {
+    let t = 22;
+    // A server that never greets: the attempt hangs until we kill postrider.
+    let (mx, d) = one_mx(
+        t,
+        Behaviour {
+            greeting: 0,
+            ..Default::default()
+        },
+    );
+    let mut s = server_edited(d.addr, mx.addr.port(), "", |c| {
+        c.replace(
+            "retry_initial = \"300ms\"\nretry_max = \"600ms\"",
+            "retry_initial = \"1h\"\nretry_max = \"2h\"",
+        )
+    });
+    let id = submit(
+        &s,
+        "alice@local.test",
+        &["x@dest22.test"],
+        "Subject: c\r\n\r\nx\r\n",
+    );
+    wait_until("the attempt to start", || mx.connections() == 1);
+    s.kill9();
+    s.launch();
+    // The message is still queued, with its next attempt moved out before it was tried: a
+    // message that crashes the server cannot make it crash-loop.
+    let e = s.api(&format!("/queue/{id}"));
+    let next = e["next_attempt_ms"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        next > now + 50 * 60 * 1000,
+        "next attempt {next} is not an hour out (now {now})"
+    );
+    assert_eq!(e["recipients"][0]["state"], "pending");
+    assert_eq!(mx.connections(), 1);
+}

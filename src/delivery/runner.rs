@@ -183,6 +183,22 @@ impl Runner {
                 .observe(started.elapsed().as_secs_f64());
             r
         };
+        // Remote attempts can take minutes: record durably that they are in flight, so a crash
+        // during one pushes the message back at start instead of retrying it at once (no
+        // crash loop; see Queue::recover_in_flight).
+        let remote_ids: Vec<QueueId> = pending
+            .iter()
+            .filter(|p| !p.4.is_empty())
+            .map(|p| p.0)
+            .collect();
+        if !remote_ids.is_empty() {
+            let q = self.queue.clone();
+            match tokio::task::spawn_blocking(move || q.mark_in_flight(&remote_ids)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record in-flight attempts"),
+                Err(e) => tracing::warn!(error = %e, "in-flight record task failed"),
+            }
+        }
         for (id, envelope, body, local, remote) in pending {
             let mut outcomes = Vec::new();
             if !local.is_empty() {
