@@ -651,9 +651,11 @@ impl Config {
                     "route[{i}]: auth_username and auth_password go together"
                 ));
             }
-            if r.auth_username.is_some() && r.tls == TlsPolicy::None {
+            if r.auth_username.is_some()
+                && !matches!(r.tls, TlsPolicy::Required | TlsPolicy::Verify)
+            {
                 e.push(format!(
-                    "route[{i}].tls: AUTH needs TLS (\"required\" or \"verify\"), not \"none\""
+                    "route[{i}].tls: a route with AUTH credentials needs tls = \"required\" or \"verify\" (credentials never go in clear)"
                 ));
             }
         }

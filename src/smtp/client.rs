@@ -438,7 +438,7 @@ impl Client {
     }
 
     async fn authenticate(&mut self, user: &str, pass: &str) -> Result<(), SetupError> {
-        if self.tls.is_none() && !self.is_loopback() {
+        if self.tls.is_none() {
             return Err(SetupError::Policy(format!(
                 "4.7.0 {} did not start TLS; credentials are never sent in clear",
                 self.peer
@@ -482,13 +482,6 @@ impl Client {
             return Err(self.refused(&r, "AUTH"));
         }
         Ok(())
-    }
-
-    fn is_loopback(&self) -> bool {
-        match &self.conn {
-            Conn::Plain(s) => s.peer_addr().is_ok_and(|a| a.ip().is_loopback()),
-            _ => false,
-        }
     }
 
     async fn command(
