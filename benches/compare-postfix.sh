@@ -28,19 +28,7 @@ smtp-sink -u nobody -c 127.0.0.1:2599 1000 >/dev/null 2>&1 &
 SINK_PID=$!
 sleep 0.3
 
-# Accepted = smtp-source's run time (every 250 is durable on both servers). Delivered = until
-# that server's queue is empty again (local delivery done), so no run overlaps another's
-# delivery backlog.
-rate() { # label, target
-  local start end done_at
-  start=$(date +%s.%N)
-  smtp-source -m "$N" -s "$S" -l "$L" -f load@example.org -t bench@localhost "$2" >/dev/null || echo "smtp-source against $2 failed" >&2
-  end=$(date +%s.%N)
-  for _ in $(seq 6000); do drained "$1" && break; sleep 0.05; done
-  done_at=$(date +%s.%N)
-  awk -v n="$N" -v a="$start" -v b="$end" -v c="$done_at" -v l="$1" \
-    'BEGIN { printf "| %-28s | %8.0f msg/s | %8.0f msg/s |\n", l, n/(b-a), n/(c-a) }'
-}
+RCPT=bench@localhost
 
 echo "smtp-source -m $N -s $S -l $L (one connection per message), $(nproc) cores, $(date -u +%F)"
 echo "| server                       | accepted       | delivered      |"

@@ -65,3 +65,18 @@ drained() {
     *) true ;;
   esac
 }
+
+# One smtp-source run against $2 (label $1) to recipient $RCPT with $N messages, $S sessions,
+# $L octets. Accepted = smtp-source's run time (every 250 is durable on both servers);
+# done = until that server's queue is empty again, so no run overlaps another's backlog.
+rate() { # label, target
+  local start end done_at
+  start=$(date +%s.%N)
+  smtp-source -m "$N" -s "$S" -l "$L" -f load@example.org -t "$RCPT" "$2" >/dev/null ||
+    echo "smtp-source against $2 failed" >&2
+  end=$(date +%s.%N)
+  for _ in $(seq 12000); do drained "$1" && break; sleep 0.02; done
+  done_at=$(date +%s.%N)
+  awk -v n="$N" -v a="$start" -v b="$end" -v c="$done_at" -v l="$1" \
+    'BEGIN { printf "| %-28s | %8.0f msg/s | %8.0f msg/s |\n", l, n/(b-a), n/(c-a) }'
+}

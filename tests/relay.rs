@@ -227,8 +227,8 @@ fn delivers_through_the_primary_mx_with_pipelining_and_dsn_parameters() {
     wait_until("an empty queue", || queue_len(&s) == 0);
     // No DSN: delivered with a next hop that handles DSN, and no SUCCESS asked.
     assert!(s.mailbox("alice@local.test").is_empty());
-    let metrics = s.cli_ok(&["queue", "list"]);
-    assert!(metrics.trim().is_empty(), "{metrics}");
+    let queued = s.cli_ok(&["queue", "list"]);
+    assert!(queued.trim().is_empty(), "{queued}");
     let log = s.log();
     assert!(
         log.contains("delivered") && log.contains("relay=mx1.dest1.test[127.1.1.2]"),
@@ -1169,4 +1169,35 @@ fn a_crash_during_a_remote_attempt_does_not_retry_it_at_once() {
     );
     assert_eq!(e["recipients"][0]["state"], "pending");
     assert_eq!(mx.connections(), 1);
+}
+
+#[test]
+fn a_5xx_at_end_of_data_fails_every_accepted_recipient() {
+    let t = 23;
+    let (mx, d) = one_mx(
+        t,
+        Behaviour {
+            reject_data: Some("554 5.7.1 message refused: spam".into()),
+            ..Default::default()
+        },
+    );
+    let s = server(d.addr, mx.addr.port(), "");
+    submit(
+        &s,
+        "alice@local.test",
+        &["a@dest23.test", "b@dest23.test"],
+        "Subject: spammy\r\n\r\nx\r\n",
+    );
+    let dsn = alice_dsn(&s, 1);
+    let rs = dsn["recipients"].as_array().unwrap();
+    assert_eq!(rs.len(), 2, "{dsn}");
+    for r in rs {
+        assert_eq!(r["Status"], "5.7.1");
+        assert_eq!(
+            r["Diagnostic-Code"],
+            "smtp; 554 5.7.1 message refused: spam (in reply to end of data)"
+        );
+    }
+    assert!(mx.received().is_empty());
+    wait_until("an empty queue", || queue_len(&s) == 0);
 }

@@ -143,14 +143,6 @@ fn rfc2822(ms: u64) -> String {
         .to_rfc2822()
 }
 
-/// The header section of a message (up to and including the blank line).
-fn headers_of(body: &[u8]) -> &[u8] {
-    match body.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(p) => &body[..p + 4],
-        None => body,
-    }
-}
-
 /// Builds the report for `entries` (all of one action kind, or failed and relayed mixed).
 pub fn build(
     reporting_mta: &str,
@@ -254,7 +246,11 @@ pub fn build(
 
     // RFC 3461 §4.3: the whole message only when asked for (and only for failures).
     let full = env.ret == Some(Ret::Full) && any_failed;
-    let returned = if full { original } else { headers_of(original) };
+    let returned = if full {
+        original
+    } else {
+        crate::smtp::proto::header_section(original)
+    };
     let cte = if returned.is_ascii() { "7bit" } else { "8bit" };
     let returned_part = MimePart::new(
         ContentType::new(if full {

@@ -12,11 +12,11 @@
 
 use super::dsn::{self, Action, Entry};
 use super::remote::outcome_class;
-use super::{Delivery, Job};
+use super::{Delivery, Job, JobResult};
 use crate::metrics::METRICS;
 use postrider_queue::schedule::RetryPolicy;
 use postrider_queue::{Envelope, Lease, Outcome, Queue, QueueId, Recipient, Settled, now_ms};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -172,6 +172,7 @@ impl Runner {
             pending.push((id, lease.envelope, body, local, remote));
         }
         let ids: Vec<QueueId> = local_jobs.iter().map(|j| j.id).collect();
+        // One local result per job, in job order.
         let results = if local_jobs.is_empty() {
             Vec::new()
         } else {
@@ -199,15 +200,11 @@ impl Runner {
                 Err(e) => tracing::warn!(error = %e, "in-flight record task failed"),
             }
         }
+        let mut by_id: HashMap<QueueId, JobResult> = ids.into_iter().zip(results).collect();
         for (id, envelope, body, local, remote) in pending {
             let mut outcomes = Vec::new();
             if !local.is_empty() {
-                let got = ids
-                    .iter()
-                    .position(|x| *x == id)
-                    .and_then(|k| results.get(k))
-                    .cloned()
-                    .unwrap_or_default();
+                let got = by_id.remove(&id).unwrap_or_default();
                 for &i in &local {
                     let o = outcome_for(&got, i);
                     METRICS
@@ -320,7 +317,7 @@ impl Runner {
                     }
                 }
             }
-            self.send_reports(f, now).await;
+            self.send_reports(f).await;
             if let Some(after) = self.delay_warning
                 && !f.envelope.delay_warned
                 && now.saturating_sub(f.envelope.arrival_ms) >= after.as_millis() as u64
@@ -381,7 +378,7 @@ impl Runner {
     }
 
     /// Failure and success reports for this attempt's final outcomes, as one DSN.
-    async fn send_reports(&self, f: &Finished, _now: u64) {
+    async fn send_reports(&self, f: &Finished) {
         let mut entries = Vec::new();
         for (i, o) in &f.outcomes {
             let Some(r) = f.envelope.recipients.get(*i) else {
@@ -406,19 +403,15 @@ impl Runner {
                 reason,
             });
         }
-        if entries.is_empty() {
-            if !f.envelope.sender.is_empty() {
-                return;
-            }
-            if f.outcomes
+        if !entries.is_empty() {
+            self.queue_report(f, &entries, None).await;
+        } else if f.envelope.sender.is_empty()
+            && f.outcomes
                 .iter()
                 .any(|(_, o)| matches!(o, Outcome::Failed(_)))
-            {
-                tracing::warn!(queue_id = %f.id, "a report (from <>) could not be delivered; not bouncing a bounce");
-            }
-            return;
+        {
+            tracing::warn!(queue_id = %f.id, "a report (from <>) could not be delivered; not bouncing a bounce");
         }
-        self.queue_report(f, &entries, None).await;
     }
 
     async fn send_delay_warning(&self, f: &Finished) {

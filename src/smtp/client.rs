@@ -96,7 +96,6 @@ pub fn parse_reply_line(line: &[u8]) -> Result<(u16, bool, String), String> {
 /// What the server announced in its EHLO reply (RFC 5321 §4.1.1.1).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
-    pub esmtp: bool,
     pub pipelining: bool,
     pub starttls: bool,
     /// `Some(0)` means no fixed limit (RFC 1870 §4).
@@ -110,10 +109,7 @@ pub struct Extensions {
 
 impl Extensions {
     pub fn from_ehlo(r: &Response) -> Extensions {
-        let mut e = Extensions {
-            esmtp: true,
-            ..Default::default()
-        };
+        let mut e = Extensions::default();
         // The first line is the greeting; keywords follow.
         for line in r.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
@@ -167,11 +163,12 @@ pub struct ConnectParams {
 pub enum SetupError {
     #[error("4.4.1 connect to {peer} failed: {why}")]
     Connect { peer: String, why: String },
-    /// The server answered, but not as we need: greeting, EHLO/HELO or AUTH refused.
-    #[error("{status} {peer} said: {reply} (in reply to {stage})")]
+    /// The server answered, but not as we need: greeting, EHLO/HELO or AUTH refused. Even a
+    /// 5xx here is about this host, not the recipient: the next MX is tried and the message
+    /// deferred, never bounced for it alone (Postfix's smtp_skip_5xx_greeting), hence 4.4.0.
+    #[error("4.4.0 {peer} said: {reply} (in reply to {stage})")]
     Refused {
         peer: String,
-        status: String,
         reply: String,
         stage: &'static str,
     },
@@ -209,17 +206,10 @@ impl OutMessage<'_> {
         if !self.smtputf8 {
             return false;
         }
-        let header_end = find_header_end(self.body);
         !self.sender.is_ascii()
             || rcpts.iter().any(|r| !r.address.is_ascii())
-            || !self.body[..header_end].is_ascii()
+            || !crate::smtp::proto::header_section(self.body).is_ascii()
     }
-}
-
-fn find_header_end(body: &[u8]) -> usize {
-    body.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(body.len(), |p| p + 2)
 }
 
 /// The MAIL FROM command for this server's extensions.
@@ -273,11 +263,7 @@ pub struct Client {
     pub tls: Option<TlsInfo>,
     /// `name[ip]:port`, for logs and DSNs.
     pub peer: String,
-    /// The MX or next-hop host name (DSN Remote-MTA).
-    pub host: String,
     t: Timeouts,
-    /// Transactions completed on this connection.
-    pub transactions: u32,
 }
 
 enum Read {
@@ -319,9 +305,7 @@ impl Client {
             ext: Extensions::default(),
             tls: None,
             peer,
-            host: host.to_string(),
             t: p.timeouts,
-            transactions: 0,
         };
         let greeting = c.expect(p.timeouts.greeting, "initial greeting").await?;
         if !greeting.is_positive() {
@@ -387,10 +371,6 @@ impl Client {
     fn refused(&self, r: &Response, stage: &'static str) -> SetupError {
         SetupError::Refused {
             peer: self.peer.clone(),
-            // Even a 5xx greeting or EHLO refusal is about this host, not the recipient: the
-            // next MX is tried and the message deferred, never bounced for it alone (Postfix's
-            // smtp_skip_5xx_greeting).
-            status: "4.4.0".into(),
             reply: r.one_line(),
             stage,
         }
@@ -775,7 +755,6 @@ impl Client {
                     outcome_of(&r, "end of data")
                 };
                 results.extend(accepted.iter().map(|(i, _)| (*i, o.clone())));
-                self.transactions += 1;
                 Sent::Done(results, true)
             }
             Read::Lost(why) => {
@@ -885,7 +864,6 @@ mod tests {
         assert_eq!(mail_command(&m, &none, false), "MAIL FROM:<a@x>\r\n");
         assert_eq!(rcpt_command(&r, &none), "RCPT TO:<b@y>\r\n");
         let all = Extensions {
-            esmtp: true,
             size: Some(0),
             eightbitmime: true,
             dsn: true,

@@ -104,6 +104,15 @@ pub enum Body {
     EightBitMime,
 }
 
+/// The header section of an RFC 5322 message, up to and including the empty line that ends it
+/// (the whole message when there is no body).
+pub fn header_section(msg: &[u8]) -> &[u8] {
+    match msg.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(p) => &msg[..p + 4],
+        None => msg,
+    }
+}
+
 impl Body {
     /// The RFC 6152 keyword, as sent on MAIL FROM.
     pub fn keyword(self) -> &'static str {
