@@ -47,6 +47,7 @@ pub struct Metrics {
     pub dsn_sent: IntCounterVec,
     /// Flushes performed by the queue's group commit.
     pub queue_flushes: IntCounter,
+    pub queue_checkpoints: IntCounter,
     /// POP3 sessions accepted, by listener name.
     pub pop3_sessions: IntCounterVec,
     /// POP3 logins by result (`success`, `failure`, `in_use`, `blocked`).
@@ -120,10 +121,17 @@ impl Metrics {
             .expect("registered once");
         let queue_flushes = IntCounter::new(
             "postrider_queue_flushes_total",
-            "Group-commit flushes (fsync rounds) of the queue",
+            "Group-commit rounds (each one fdatasync or one checkpoint) of the queue and store",
         )
         .expect("valid");
         r.register(Box::new(queue_flushes.clone()))
+            .expect("registered once");
+        let queue_checkpoints = IntCounter::new(
+            "postrider_queue_checkpoints_total",
+            "Of the group-commit rounds, those that flushed sled itself rather than the journal",
+        )
+        .expect("valid");
+        r.register(Box::new(queue_checkpoints.clone()))
             .expect("registered once");
         Metrics {
             smtp_connections: counter_vec(
@@ -223,6 +231,7 @@ impl Metrics {
                 &["action"],
             ),
             queue_flushes,
+            queue_checkpoints,
             pop3_sessions: counter_vec(
                 &r,
                 "postrider_pop3_sessions_total",

@@ -7,12 +7,14 @@
 //!
 //! # Layout
 //! - [`durable`]: group commit (one flusher thread, fsync of what sled leaves unsynced).
+//! - [`journal`]: the enqueue journal that lets most group commits be one `fdatasync`.
 //! - [`spool`]: the [`Queue`] itself: trees, enqueue, leases, admin operations.
 //! - [`schedule`]: the pure retry policy (next attempt time with jitter).
 //!
 //! The storage engine (sled 0.34) is hidden behind [`Queue`]'s API so it can be swapped.
 
 pub mod durable;
+pub mod journal;
 pub mod schedule;
 pub mod spool;
 

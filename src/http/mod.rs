@@ -230,6 +230,10 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     if fs.flushes > seen {
         METRICS.queue_flushes.inc_by(fs.flushes - seen);
     }
+    let seen = METRICS.queue_checkpoints.get();
+    if fs.checkpoints > seen {
+        METRICS.queue_checkpoints.inc_by(fs.checkpoints - seen);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         METRICS.render(),
