@@ -70,10 +70,6 @@ impl Inserts {
             .push((tree.clone(), sled::IVec::from(key), sled::IVec::from(value)));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-    }
-
     /// Applies the inserts to sled's memory (durable only after a flush or a journal write).
     pub(crate) fn apply(&self) -> sled::Result<()> {
         for (t, k, v) in &self.ops {
