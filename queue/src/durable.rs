@@ -11,7 +11,8 @@
 //!   queue accept far more messages per second than the disk does fsyncs.
 //! - A sled flush costs ~0.9 ms here; enqueues therefore go through the [`journal`] (one
 //!   `fdatasync` of a preallocated file, ~0.2 ms) and sled is flushed ("checkpointed") only when
-//!   somebody waits for it, once a second, or when the journal is full.
+//!   somebody waits for it, once a second, or when the journal is full. What was journaled stays
+//!   in its owner's memory until a checkpoint asks for it ([`GroupCommit::on_checkpoint`]).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -24,7 +25,10 @@ use std::time::{Duration, Instant};
 use crate::journal::{self, Inserts, Journal};
 
 /// Callback run on the flusher thread once the write it follows is durable (or failed to be).
-pub type Waiter = Box<dyn FnOnce(Result<(), Arc<std::io::Error>>) + Send + 'static>;
+pub type Waiter = Box<dyn FnOnce(Durable) + Send + 'static>;
+
+/// What a [`Waiter`] is told.
+pub type Durable = Result<(), Arc<std::io::Error>>;
 
 /// Handle to the flusher thread. Cloning shares the same thread.
 #[derive(Clone)]
@@ -38,11 +42,18 @@ enum Msg {
     /// Call back after the next checkpoint (sled flush + fsyncs): covers every write made
     /// before, whoever made it.
     Wait(Waiter),
-    /// Apply the inserts (on the flusher thread), make them durable through the journal, or a
-    /// checkpoint when one is due anyway, then call back.
+    /// Make the inserts durable through the journal (then hand them off, see
+    /// [`Inserts::on_journaled`]), or put them into sled and checkpoint when one is due anyway;
+    /// then call back.
     Journal(Inserts, Waiter),
+    /// Run before every checkpoint's sled flush.
+    Hook(CheckpointHook),
     Stop,
 }
+
+/// Writes what its owner keeps in memory on behalf of the journal into sled (see
+/// [`GroupCommit::on_checkpoint`]).
+pub type CheckpointHook = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
 /// A checkpoint at least this often while the journal holds anything: bounds the replay after
 /// a crash and the journal's size.
@@ -65,35 +76,71 @@ struct Flusher {
     syncer: FileSyncer,
     journal: Journal,
     last_checkpoint: Instant,
+    hooks: Vec<CheckpointHook>,
 }
 
 impl Flusher {
-    /// sled flush, then the fsyncs sled leaves out; after it the journal is obsolete.
+    /// Journaled data held in memory goes into sled, then the marker (every record so far is
+    /// in sled or obsolete), then sled flush and the fsyncs sled leaves out; after it the
+    /// journal is obsolete.
     fn checkpoint(&mut self) -> std::io::Result<()> {
+        // Counted from the attempt: a failing disk gets one try a second, not a busy loop.
+        self.last_checkpoint = Instant::now();
+        for h in &mut self.hooks {
+            h()?;
+        }
+        self.journal
+            .mark(&self.db)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         self.db
             .flush()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         self.syncer.sync()?;
         self.journal.checkpointed();
-        self.last_checkpoint = Instant::now();
         Ok(())
     }
 
-    /// One durable round for everything that queued up. Returns whether it checkpointed.
+    /// One durable round for everything that queued up: `journaled` gets each item's own
+    /// result. Returns the round's result (for plain waiters) and whether it checkpointed.
     fn round(
         &mut self,
         wait: bool,
-        journaled: &[&Inserts],
-    ) -> (Result<(), Arc<std::io::Error>>, bool) {
+        journaled: Vec<(Inserts, Waiter)>,
+    ) -> (Durable, bool, Vec<(Waiter, Durable)>) {
+        let mut answers = Vec::with_capacity(journaled.len());
         let due = self.journal.dirty() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
         if !wait && !due && !journaled.is_empty() {
-            match self.journal.write(&self.db, journaled) {
-                Ok(true) => return (Ok(()), false),
+            let refs: Vec<&Inserts> = journaled.iter().map(|(i, _)| i).collect();
+            match self.journal.write(&refs) {
+                Ok(true) => {
+                    for (ins, w) in journaled {
+                        let r = ins.hand_off().map_err(|e| {
+                            Arc::new(std::io::Error::other(format!("queue write failed: {e}")))
+                        });
+                        answers.push((w, r));
+                    }
+                    return (Ok(()), false, answers);
+                }
                 Ok(false) => {}
                 Err(e) => tracing::error!(error = %e, "journal write failed; checkpointing"),
             }
         }
-        (self.checkpoint().map_err(Arc::new), true)
+        // The checkpoint covers these inserts: into sled with them first.
+        let mut pending = Vec::with_capacity(journaled.len());
+        for (ins, w) in journaled {
+            match ins.apply() {
+                Ok(()) => pending.push(w),
+                Err(e) => answers.push((
+                    w,
+                    Err(Arc::new(std::io::Error::other(format!(
+                        "queue write failed: {e}"
+                    )))),
+                )),
+            }
+        }
+        let res = self.checkpoint().map_err(Arc::new);
+        answers.extend(pending.into_iter().map(|w| (w, res.clone())));
+        (res, true, answers)
     }
 }
 
@@ -107,6 +154,7 @@ impl GroupCommit {
             db,
             journal,
             last_checkpoint: Instant::now(),
+            hooks: Vec::new(),
         };
         f.checkpoint()?;
         if recovered.replayed > 0 {
@@ -124,47 +172,59 @@ impl GroupCommit {
                 let mut stop = false;
                 while !stop {
                     let mut waiters: Vec<Waiter> = Vec::new();
-                    let mut journaled: Vec<Inserts> = Vec::new();
+                    let mut journaled: Vec<(Inserts, Waiter)> = Vec::new();
                     let mut wait = false;
-                    let mut take = |m: Msg, stop: &mut bool| match m {
+                    let mut take = |m: Msg, stop: &mut bool, f: &mut Flusher| match m {
                         Msg::Wait(w) => {
                             wait = true;
                             waiters.push(w);
                         }
-                        // A failed insert is answered at once, outside the round.
-                        Msg::Journal(ins, w) => match ins.apply() {
-                            Ok(()) => {
-                                journaled.push(ins);
-                                waiters.push(w);
-                            }
-                            Err(e) => w(Err(Arc::new(std::io::Error::other(format!(
-                                "queue write failed: {e}"
-                            ))))),
-                        },
+                        Msg::Journal(ins, w) => journaled.push((ins, w)),
+                        Msg::Hook(h) => f.hooks.push(h),
                         Msg::Stop => {
                             wait = true;
                             *stop = true;
                         }
                     };
-                    match rx.recv() {
-                        Ok(m) => take(m, &mut stop),
-                        Err(_) => take(Msg::Stop, &mut stop),
+                    // While the journal holds anything, a quiet second ends in a checkpoint
+                    // anyway: it bounds what a crash replays (and re-sends) and the memory
+                    // journaled data occupies.
+                    let next = if f.journal.dirty() {
+                        let left = CHECKPOINT_EVERY.saturating_sub(f.last_checkpoint.elapsed());
+                        rx.recv_timeout(left)
+                    } else {
+                        rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                    };
+                    match next {
+                        Ok(m) => take(m, &mut stop, &mut f),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            take(Msg::Wait(Box::new(|_| {})), &mut stop, &mut f)
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            take(Msg::Stop, &mut stop, &mut f)
+                        }
                     }
                     // Everything that queued up meanwhile rides this round. No waiting for
                     // more: a lone writer pays no delay, and under load the queue refills
                     // while we write (measured: lingering bought nothing but latency).
                     while let Ok(m) = rx.try_recv() {
-                        take(m, &mut stop);
+                        take(m, &mut stop, &mut f);
                     }
-                    let refs: Vec<&Inserts> = journaled.iter().collect();
-                    let (res, checkpointed) = f.round(wait, &refs);
+                    if !wait && journaled.is_empty() {
+                        continue;
+                    }
+                    let acked = waiters.len() + journaled.len();
+                    let (res, checkpointed, answers) = f.round(wait, journaled);
                     if let Err(e) = &res {
                         tracing::error!(error = %e, "group commit failed");
                     }
                     if let Ok(mut s) = st.lock() {
                         s.flushes += 1;
                         s.checkpoints += checkpointed as u64;
-                        s.waiters += waiters.len() as u64;
+                        s.waiters += acked as u64;
+                    }
+                    for (w, r) in answers {
+                        w(r);
                     }
                     for w in waiters {
                         w(res.clone());
@@ -188,11 +248,10 @@ impl GroupCommit {
         }
     }
 
-    /// Hands inserts to the flusher thread, which applies them and makes them durable in its
-    /// next round (usually one journal `fdatasync`), then calls `waiter`. Why on the flusher:
-    /// sled's writers block (spin, then park) while its I/O buffer rolls; doing the hot-path
-    /// writes there keeps that off the async worker threads and orders them before the
-    /// journal write that covers them.
+    /// Hands inserts to the flusher thread, which makes them durable in its next round
+    /// (usually one journal `fdatasync`) and hands them off (see [`Inserts::on_journaled`]),
+    /// then calls `waiter`. Why on the flusher: sled's writers block (spin, then park) while
+    /// its I/O buffer rolls; whatever sled writes there are stay off the async worker threads.
     pub fn journal_commit(&self, inserts: Inserts, waiter: Waiter) {
         if let Err(mpsc::SendError(Msg::Journal(_, w))) =
             self.tx.send(Msg::Journal(inserts, waiter))
@@ -201,6 +260,14 @@ impl GroupCommit {
                 "flusher thread has stopped",
             ))));
         }
+    }
+
+    /// Registers `hook` to run before every checkpoint's sled flush, on the flusher thread:
+    /// it writes into sled whatever its owner holds in memory on behalf of journal records
+    /// (see [`Inserts::on_journaled`]). A failing hook fails the checkpoint. Registered
+    /// before any later message to the flusher is handled.
+    pub fn on_checkpoint(&self, hook: CheckpointHook) {
+        let _ = self.tx.send(Msg::Hook(hook));
     }
 
     /// Blocks the calling thread until everything written before the call is durable.

@@ -5,10 +5,13 @@
 //! our machines, and it wakes sled's whole I/O pool every time. Overwriting a file whose blocks
 //! already exist and `fdatasync`ing it costs one device flush (0.19 ms measured with
 //! `dd oflag=dsync conv=notrunc`, against 0.32 ms appending). So an enqueue's inserts go into
-//! sled's memory *and* into this journal, and the journal write is what the SMTP client's `250`
-//! waits for. Sled's own flush (a "checkpoint") happens on every round that needs it anyway
-//! (deliveries sync the store), at least once a second, and when the journal is full; after it
-//! the journal is obsolete and the next round writes from offset 0 again (a new "lap").
+//! this journal, and the journal write is what the SMTP client's `250` waits for. The data
+//! itself stays in the caller's memory (the queue's "fresh" messages, see
+//! [`Inserts::on_journaled`]) and goes into sled only at a sled flush (a "checkpoint"), and only
+//! if it is still wanted then: most messages are delivered and gone before it. Checkpoints
+//! happen when somebody waits for one (admin operations, the mailbox store's own syncs), at
+//! least once a second while the journal holds anything, and when it is full; after one the
+//! journal is obsolete and the next round writes from offset 0 again (a new "lap").
 //!
 //! File layout: records back to back from offset 0, each a 28-byte header
 //! (`magic u32, lap u32, seq u64, len u32, payload crc32 u32, header crc32 u32`, little endian)
@@ -18,10 +21,12 @@
 //!
 //! Recovery ([`recover`]): read records from offset 0 while each one is intact, has the lap of
 //! the first and the next sequence number; a stale record from an earlier lap or a torn write
-//! ends the scan. Records whose `seq` is above the marker that sled recovered (written with
-//! every round's inserts, so sled knows how much of the journal it already holds) are applied
-//! again. Inserts are idempotent, and the marker keeps a message that was delivered and removed
-//! after its record from coming back.
+//! ends the scan. Records whose `seq` is above the marker that sled recovered (written by every
+//! checkpoint, after the data it covers went into sled) are applied again, each insert only
+//! where sled holds nothing under its key: what sled holds is the same data or a newer state.
+//! A message delivered (and dropped from memory) after its record but before the next
+//! checkpoint therefore comes back once after a crash: local delivery recognises it by its
+//! dedupe key; a remote one is sent again (at-least-once, as any MTA after a crash).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -46,6 +51,9 @@ pub const MAX_LEN: u64 = 64 << 20;
 pub struct Inserts {
     ops: Vec<(sled::Tree, sled::IVec, sled::IVec)>,
     payload: Vec<u8>,
+    /// Takes over the inserts once their journal record is durable (see
+    /// [`Inserts::on_journaled`]); without one they go into sled's memory then.
+    hook: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Inserts {
@@ -70,12 +78,33 @@ impl Inserts {
             .push((tree.clone(), sled::IVec::from(key), sled::IVec::from(value)));
     }
 
-    /// Applies the inserts to sled's memory (durable only after a flush or a journal write).
+    /// Instead of writing the inserts into sled once the journal holds them, run `hook`: the
+    /// caller keeps the data in memory and writes it into sled itself, at the latest when a
+    /// checkpoint asks (see [`crate::durable::GroupCommit::on_checkpoint`]). Data that is gone
+    /// by then (a message delivered within the second) never costs a sled write. When the round
+    /// cannot use the journal, the inserts go into sled before its checkpoint and the hook is
+    /// dropped unrun.
+    pub fn on_journaled(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.hook = Some(hook);
+    }
+
+    /// Applies the inserts to sled's memory (durable only after a checkpoint).
     pub(crate) fn apply(&self) -> sled::Result<()> {
         for (t, k, v) in &self.ops {
             t.insert(k.clone(), v.clone())?;
         }
         Ok(())
+    }
+
+    /// After the journal write: the hook takes over, or sled's memory gets the inserts.
+    pub(crate) fn hand_off(self) -> sled::Result<()> {
+        match self.hook {
+            Some(h) => {
+                h();
+                Ok(())
+            }
+            None => self.apply(),
+        }
     }
 
     pub(crate) fn record_len(&self) -> u64 {
@@ -130,10 +159,10 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// Numbers `batch` and writes it with one `fdatasync`; sled gets the marker first (in
-    /// memory). `Ok(false)`: the batch does not fit (or an earlier write failed), so the caller
-    /// must checkpoint instead, which covers these inserts too. On `Err` likewise.
-    pub(crate) fn write(&mut self, db: &sled::Db, batch: &[&Inserts]) -> io::Result<bool> {
+    /// Numbers `batch` and writes it with one `fdatasync`. `Ok(false)`: the batch does not fit
+    /// (or an earlier write failed), so the caller must put the inserts into sled and
+    /// checkpoint instead. On `Err` likewise.
+    pub(crate) fn write(&mut self, batch: &[&Inserts]) -> io::Result<bool> {
         let need: u64 = batch.iter().map(|i| i.record_len()).sum();
         if self.needs_checkpoint || self.pos + need > MAX_LEN {
             return Ok(false);
@@ -149,7 +178,6 @@ impl Journal {
         // From here on a failure leaves a hole in this lap's numbering: only a checkpoint
         // (which starts a new lap) may follow.
         self.needs_checkpoint = true;
-        self.mark(db).map_err(io::Error::other)?;
         if self.pos + need > self.len {
             let new_len = (self.pos + need).div_ceil(GROW_STEP) * GROW_STEP;
             let zeros = vec![0u8; (new_len - self.len) as usize];
@@ -164,9 +192,10 @@ impl Journal {
         Ok(true)
     }
 
-    /// Records in sled how far the journal has been applied (rides the same flush as the
-    /// inserts it describes).
-    fn mark(&self, db: &sled::Db) -> sled::Result<()> {
+    /// Records in sled that every record written so far is reflected in sled (or obsolete).
+    /// Written by a checkpoint after the callers' data went into sled, so it rides the same
+    /// flush as that data.
+    pub(crate) fn mark(&self, db: &sled::Db) -> sled::Result<()> {
         let mut v = [0u8; 12];
         v[..8].copy_from_slice(&(self.next_seq - 1).to_le_bytes());
         v[8..].copy_from_slice(&self.lap.to_le_bytes());
@@ -229,7 +258,11 @@ fn decode_and_apply(db: &sled::Db, mut p: &[u8]) -> io::Result<()> {
             .and_then(|n| take(&mut p, n))
             .ok_or_else(bad)?;
         let tree = db.open_tree(name).map_err(io::Error::other)?;
-        tree.insert(key, value).map_err(io::Error::other)?;
+        // Never over what sled holds: that is the same data or a newer state of it (an
+        // envelope updated after its message was written into sled).
+        let _ = tree
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value))
+            .map_err(io::Error::other)?;
     }
     Ok(())
 }
@@ -345,12 +378,12 @@ mod tests {
             assert_eq!(rec, Recovered::default());
             let mut a = Inserts::new();
             a.insert(&t, b"a", b"1");
-            assert!(j.write(&db, &[&a]).unwrap());
+            assert!(j.write(&[&a]).unwrap());
             let mut b = Inserts::new();
             b.insert(&t, b"b", b"2");
             let mut c = Inserts::new();
             c.insert(&t, b"c", &[7u8; 5000]);
-            assert!(j.write(&db, &[&b, &c]).unwrap());
+            assert!(j.write(&[&b, &c]).unwrap());
             // What a crash leaves when sled made "a" (seq 1) durable, then its removal, but
             // not "b" and "c".
             t.remove(b"a").unwrap();
@@ -379,6 +412,30 @@ mod tests {
         assert_eq!(read_marker(&db).unwrap().0, 3);
     }
 
+    /// Replay never writes over what sled holds: that is the same data or a newer state
+    /// (an envelope rewritten after its message went into sled).
+    #[test]
+    fn replay_keeps_what_sled_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open(dir.path());
+            let t = db.open_tree("t").unwrap();
+            let (mut j, _) = recover(&db, dir.path()).unwrap();
+            let mut a = Inserts::new();
+            a.insert(&t, b"env", b"as enqueued");
+            a.insert(&t, b"body", b"data");
+            assert!(j.write(&[&a]).unwrap());
+            t.insert(b"env", b"deferred once").unwrap();
+            db.flush().unwrap();
+        }
+        let db = open(dir.path());
+        let (_, rec) = recover(&db, dir.path()).unwrap();
+        assert_eq!(rec.replayed, 1);
+        let t = db.open_tree("t").unwrap();
+        assert_eq!(t.get(b"env").unwrap().unwrap(), &b"deferred once"[..]);
+        assert_eq!(t.get(b"body").unwrap().unwrap(), &b"data"[..]);
+    }
+
     /// After a checkpoint the next lap overwrites from offset 0; the older lap's records
     /// beyond it are never taken for the new lap's.
     #[test]
@@ -390,12 +447,12 @@ mod tests {
         for k in 0..5u8 {
             let mut i = Inserts::new();
             i.insert(&t, &[k], b"old");
-            assert!(j.write(&db, &[&i]).unwrap());
+            assert!(j.write(&[&i]).unwrap());
         }
         j.checkpointed();
         let mut i = Inserts::new();
         i.insert(&t, b"new", b"x");
-        assert!(j.write(&db, &[&i]).unwrap());
+        assert!(j.write(&[&i]).unwrap());
         let (_fresh, db2, rec) = recover_fresh(dir.path());
         assert_eq!(rec.records, 1);
         assert!(db2.open_tree("t").unwrap().get(b"new").unwrap().is_some());
@@ -413,7 +470,7 @@ mod tests {
         a.insert(&t, b"a", b"1");
         let mut b = Inserts::new();
         b.insert(&t, b"b", b"2");
-        assert!(j.write(&db, &[&a, &b]).unwrap());
+        assert!(j.write(&[&a, &b]).unwrap());
         let f = OpenOptions::new()
             .write(true)
             .open(dir.path().join(FILE_NAME))

@@ -33,7 +33,7 @@ impl LocalDelivery {
     }
 
     /// Delivers a batch: copies are grouped per account and appended in one transaction per
-    /// account, then the store is synced once, and only then are outcomes reported.
+    /// account (see the note at the end about durability).
     fn deliver_sync(&self, jobs: &[Job]) -> Vec<JobResult> {
         let now = postrider_queue::now_ms();
         let mut results: Vec<JobResult> = vec![Vec::new(); jobs.len()];
@@ -116,17 +116,12 @@ impl LocalDelivery {
                 results[c.job].push((c.rcpt, outcome));
             }
         }
-        // One fsync for the whole batch; only then may the queue forget these messages.
-        if let Err(e) = self.store.sync() {
-            tracing::error!(error = %e, "mailbox store sync failed; deferring the batch");
-            for res in &mut results {
-                for (_, o) in res.iter_mut() {
-                    if *o == Outcome::Delivered {
-                        *o = Outcome::Deferred(format!("4.3.0 mailbox store sync failed: {e}"));
-                    }
-                }
-            }
-        }
+        // No sync here, on purpose: the queue may forget these messages before the copies are
+        // durable. Each copy is written with its dedupe key in one sled transaction, and the
+        // queue's forgetting becomes durable only after it: a sled transaction later in the
+        // same log (sled recovers a prefix), or, for a message still only in the journal, the
+        // next checkpoint's flush, which covers these writes too. A crash in between replays
+        // the message, and its dedupe key (or its absence) decides: one copy either way.
         results
     }
 }

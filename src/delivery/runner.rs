@@ -2,7 +2,8 @@
 //! message), leases due messages, routes each pending recipient to a transport and hands the
 //! outcomes to the settler. Idle cost is zero: it never scans the queue.
 //!
-//! Local delivery is fast and batched (one store fsync per round), so the runner waits for it.
+//! Local delivery is fast and batched (one store transaction per account per round), so the
+//! runner waits for it.
 //! Remote delivery can take minutes, so each message with remote recipients gets its own task
 //! and the runner goes on; a bounded number of such messages are in flight at once.
 //!
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
-/// Leases taken per round: large enough that one store fsync covers many messages.
+/// Leases taken per round: large enough that one store transaction covers many messages.
 const BATCH: usize = 256;
 /// How long a woken, idle runner waits before taking work: a few ms of delivery latency buys
 /// far fewer, larger delivery rounds under load.
