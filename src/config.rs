@@ -15,6 +15,7 @@ pub const DEFAULT_CONFIG: &str = r#"# postrider configuration (the embedded defa
 [server]
 hostname = "localhost"
 data_dir = "./postrider-data"
+# worker_threads = 0        # async workers; 0 = one per core but one (at least one)
 
 # Port 25 role: mail for local domains from anyone, relay only for relay.networks or AUTH.
 [[listener]]
@@ -249,6 +250,22 @@ pub struct ServerConfig {
     /// Our name in the greeting, EHLO, Received and the self-signed certificate.
     pub hostname: String,
     pub data_dir: PathBuf,
+    /// Async worker threads (protocol handling). `0` = one per core but one: the group-commit
+    /// thread, local delivery and sled's I/O threads want a core too (measured on 2 cores: one
+    /// worker instead of two accepts more mail for ~10% less CPU per message).
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+impl ServerConfig {
+    /// The number of async workers to start (see `worker_threads`).
+    pub fn workers(&self) -> usize {
+        if self.worker_threads > 0 {
+            return self.worker_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -699,7 +716,7 @@ impl Config {
 /// Every key the config knows, per section: used to report all unknown keys at once (serde's
 /// `deny_unknown_fields` stops at the first).
 const KNOWN_KEYS: &[(&str, &[&str])] = &[
-    ("server", &["hostname", "data_dir"]),
+    ("server", &["hostname", "data_dir", "worker_threads"]),
     (
         "listener",
         &["name", "kind", "bind", "allow_plaintext_auth"],

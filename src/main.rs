@@ -42,6 +42,7 @@ fn main() -> ExitCode {
     // One crypto provider for the whole process (ring); installing it twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.server.workers())
         .enable_all()
         .build()
     {
