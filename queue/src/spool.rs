@@ -52,6 +52,7 @@ struct Inner {
     /// Messages durable in the journal only (see the module doc). Lock order: `meta`, then
     /// `leased`, then `fresh`.
     fresh: Arc<Mutex<Fresh>>,
+    trees: Arc<Trees>,
     commit: GroupCommit,
     /// Opened by [`Queue::open`]: the flusher is ours to stop.
     owns_commit: bool,
@@ -85,20 +86,39 @@ struct Fresh {
     msgs: std::collections::HashMap<QueueId, FreshMsg>,
     /// The ones a runner may take: not leased, not held; by (due time, id).
     due: std::collections::BTreeSet<(u64, QueueId)>,
+    /// Body bytes held.
+    bytes: usize,
 }
+
+/// Waiting fresh messages (not being delivered) kept in memory at most, by count and by body
+/// bytes. Beyond either, the oldest go into sled one by one as new ones arrive: when delivery
+/// falls behind, the sled writes are spread over the rounds instead of landing all at once in
+/// the next checkpoint (which stalls every enqueue meanwhile), and memory stays bounded.
+const FRESH_WAITING_MAX: usize = 2048;
+const FRESH_BYTES_MAX: usize = 64 << 20;
 
 impl Fresh {
     fn insert(&mut self, id: QueueId, m: FreshMsg) {
         if !m.env.held {
             self.due.insert((m.env.next_attempt_ms, id));
         }
-        self.msgs.insert(id, m);
+        self.bytes += m.body.len();
+        if let Some(old) = self.msgs.insert(id, m) {
+            self.bytes -= old.body.len();
+        }
     }
 
     fn remove(&mut self, id: QueueId) -> Option<FreshMsg> {
         let m = self.msgs.remove(&id)?;
         self.due.remove(&(m.env.next_attempt_ms, id));
+        self.bytes -= m.body.len();
         Some(m)
+    }
+
+    fn clear(&mut self) {
+        self.msgs.clear();
+        self.due.clear();
+        self.bytes = 0;
     }
 }
 
@@ -137,9 +157,26 @@ impl Trees {
         for (id, m) in &f.msgs {
             self.write(*id, &m.env, &m.body)?;
         }
-        f.msgs.clear();
-        f.due.clear();
+        f.clear();
         Ok(())
+    }
+
+    /// Moves the oldest waiting fresh messages into sled while the memtable is over its
+    /// bounds (see [`FRESH_WAITING_MAX`]). A failed write leaves the message in memory for the
+    /// checkpoint to retry.
+    fn spill_backlog(&self, f: &mut Fresh) {
+        while f.due.len() > FRESH_WAITING_MAX || (f.bytes > FRESH_BYTES_MAX && !f.due.is_empty()) {
+            let Some(&(t, id)) = f.due.first() else { break };
+            let Some(m) = f.remove(id) else {
+                f.due.remove(&(t, id));
+                continue;
+            };
+            if let Err(e) = self.write(id, &m.env, &m.body) {
+                tracing::warn!(queue_id = %id, error = %e, "cannot move a waiting message into sled yet");
+                f.insert(id, m);
+                break;
+            }
+        }
     }
 }
 
@@ -265,14 +302,14 @@ impl Queue {
 
     fn build(db: sled::Db, commit: GroupCommit, owns_commit: bool) -> Result<Queue> {
         let fresh = Arc::new(Mutex::new(Fresh::default()));
-        let trees = Trees {
+        let trees = Arc::new(Trees {
             env: db.open_tree("queue.env")?,
             body: db.open_tree("queue.body")?,
             due: db.open_tree("queue.due")?,
-        };
-        let hook_fresh = fresh.clone();
+        });
+        let (hook_fresh, hook_trees) = (fresh.clone(), trees.clone());
         commit.on_checkpoint(Box::new(move || {
-            trees
+            hook_trees
                 .spill_all(&hook_fresh)
                 .map_err(|e| std::io::Error::other(e.to_string()))
         }));
@@ -286,6 +323,7 @@ impl Queue {
                 meta: Mutex::new(()),
                 hot: Arc::new(Mutex::new(HotBodies::default())),
                 fresh,
+                trees,
                 db,
                 commit,
                 owns_commit,
@@ -384,16 +422,15 @@ impl Queue {
             ins.insert(&i.due, &k, &[]);
         }
         // Once journaled, the message waits in memory (see the module doc).
-        let fresh = i.fresh.clone();
+        let (fresh, trees) = (i.fresh.clone(), i.trees.clone());
         let m = FreshMsg {
             env: envelope.clone(),
             body: body.clone(),
         };
         ins.on_journaled(Box::new(move || {
-            fresh
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, m);
+            let mut f = fresh.lock().unwrap_or_else(|e| e.into_inner());
+            f.insert(id, m);
+            trees.spill_backlog(&mut f);
         }));
         i.depth.fetch_add(1, Ordering::Relaxed);
         // On failure the message does not exist: drop its cached body. (Captures the cache,
@@ -458,13 +495,8 @@ impl Queue {
         self.fresh().due.first().map(|(t, _)| *t)
     }
 
-    fn trees(&self) -> Trees {
-        let i = &self.inner;
-        Trees {
-            env: i.env.clone(),
-            body: i.body.clone(),
-            due: i.due.clone(),
-        }
+    fn trees(&self) -> &Trees {
+        &self.inner.trees
     }
 
     /// Moves message `id` from memory into sled if it is fresh, so that code working on the
@@ -1226,6 +1258,39 @@ mod tests {
         }
         assert!(q.fresh().msgs.is_empty());
         assert!(q.inner.env.get(id.0.to_be_bytes()).unwrap().is_some());
+    }
+
+    /// When delivery falls behind, the oldest waiting messages go into sled as new ones
+    /// arrive, so the memtable stays bounded and the checkpoint has little left to write.
+    #[test]
+    fn a_backlog_moves_into_sled_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let trees = Trees {
+            env: db.open_tree("queue.env").unwrap(),
+            body: db.open_tree("queue.body").unwrap(),
+            due: db.open_tree("queue.due").unwrap(),
+        };
+        let mut f = Fresh::default();
+        let n = FRESH_WAITING_MAX as u64 + 3;
+        for k in 0..n {
+            let mut e = env(&["x@l"]);
+            e.next_attempt_ms = 1_000 + k;
+            let body = Arc::new(b"body".to_vec());
+            f.insert(QueueId(100 + k), FreshMsg { env: e, body });
+            trees.spill_backlog(&mut f);
+        }
+        assert_eq!(f.due.len(), FRESH_WAITING_MAX);
+        assert_eq!(f.bytes, FRESH_WAITING_MAX * 4);
+        let moved: Vec<u64> = trees
+            .env
+            .iter()
+            .keys()
+            .map(|k| u64::from_be_bytes(k.unwrap()[..].try_into().unwrap()))
+            .collect();
+        assert_eq!(moved, vec![100, 101, 102]);
+        assert_eq!(trees.due.len(), 3);
+        assert!(!f.msgs.contains_key(&QueueId(100)));
     }
 
     /// A deferred fresh message waits in sled with its new state; admin operations work on
