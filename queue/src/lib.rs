@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`durable`]: group commit (one flusher thread, fsync of what sled leaves unsynced).
 //! - [`journal`]: the enqueue journal that lets most group commits be one `fdatasync`.
-//! - [`spool`]: the [`Queue`] itself: trees, enqueue, leases, admin operations.
+//! - [`spool`]: the [`Queue`] itself: fresh messages in memory, sled trees, enqueue, leases,
+//!   admin operations.
 //! - [`schedule`]: the pure retry policy (next attempt time with jitter).
 //!
 //! The storage engine (sled 0.34) is hidden behind [`Queue`]'s API so it can be swapped.

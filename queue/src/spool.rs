@@ -78,9 +78,9 @@ struct FreshMsg {
     body: Arc<Vec<u8>>,
 }
 
-/// The queue's memtable: journaled messages not (yet) written into sled. Bounded by the
-/// journal: a checkpoint at least once a second, or when the journal reaches its size limit,
-/// moves whatever is left into sled.
+/// The queue's memtable: journaled messages not (yet) written into sled. Every checkpoint (at
+/// least one a second while the journal holds anything) moves whatever is left into sled, and
+/// a backlog beyond [`FRESH_WAITING_MAX`] messages or [`FRESH_BYTES_MAX`] goes there sooner.
 #[derive(Default)]
 struct Fresh {
     msgs: std::collections::HashMap<QueueId, FreshMsg>,
