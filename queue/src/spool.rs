@@ -124,7 +124,6 @@ impl Fresh {
 
 /// The trees a message is written into, for code that runs without a [`Queue`] handle (the
 /// checkpoint hook runs on the flusher thread and must not keep the queue alive).
-#[derive(Clone)]
 struct Trees {
     env: sled::Tree,
     body: sled::Tree,
