@@ -46,10 +46,11 @@ const GROW_STEP: u64 = 1 << 20;
 /// a checkpoint happens at least once a second.
 pub const MAX_LEN: u64 = 64 << 20;
 
-/// Inserts that become durable together: either through the journal or a sled flush.
+/// Inserts that become durable together: either through the journal or a sled flush. Only
+/// their journal encoding is kept (built once, on the caller's thread): a round that cannot use
+/// the journal decodes it to put the inserts into sled, the rare case.
 #[derive(Default)]
 pub struct Inserts {
-    ops: Vec<(sled::Tree, sled::IVec, sled::IVec)>,
     payload: Vec<u8>,
     /// Takes over the inserts once their journal record is durable (see
     /// [`Inserts::on_journaled`]); without one they go into sled's memory then.
@@ -74,8 +75,6 @@ impl Inserts {
         self.payload
             .extend_from_slice(&(value.len() as u32).to_le_bytes());
         self.payload.extend_from_slice(value);
-        self.ops
-            .push((tree.clone(), sled::IVec::from(key), sled::IVec::from(value)));
     }
 
     /// Instead of writing the inserts into sled once the journal holds them, run `hook`: the
@@ -89,21 +88,18 @@ impl Inserts {
     }
 
     /// Applies the inserts to sled's memory (durable only after a checkpoint).
-    pub(crate) fn apply(&self) -> sled::Result<()> {
-        for (t, k, v) in &self.ops {
-            t.insert(k.clone(), v.clone())?;
-        }
-        Ok(())
+    pub(crate) fn apply(&self, db: &sled::Db) -> io::Result<()> {
+        decode_and_apply(db, &self.payload)
     }
 
     /// After the journal write: the hook takes over, or sled's memory gets the inserts.
-    pub(crate) fn hand_off(self) -> sled::Result<()> {
+    pub(crate) fn hand_off(self, db: &sled::Db) -> io::Result<()> {
         match self.hook {
             Some(h) => {
                 h();
                 Ok(())
             }
-            None => self.apply(),
+            None => self.apply(db),
         }
     }
 
@@ -235,6 +231,8 @@ pub struct Recovered {
     pub replayed: usize,
 }
 
+/// Applies an encoded record to sled (journal replay, and a round that could not use the
+/// journal), each insert only where sled holds nothing under its key.
 fn decode_and_apply(db: &sled::Db, mut p: &[u8]) -> io::Result<()> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed journal record");
     fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
