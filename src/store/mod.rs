@@ -20,7 +20,9 @@ use postrider_queue::durable::{CHUNK, GroupCommit, chunk_key, read_chunked};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Account {
@@ -155,6 +157,51 @@ pub struct Store {
     bodies: sled::Tree,
     dedupe: sled::Tree,
     commit: GroupCommit,
+    addresses: Arc<AddressIndex>,
+}
+
+/// Which addresses exist, in memory: RCPT checks run on the async SMTP workers, and a sled
+/// read there can wait behind another thread's transaction (sled 0.34 holds one process-wide
+/// lock for a whole transaction, measured up to 7 ms for a delivery batch) while every other
+/// session on that worker waits too. Costs about 100 bytes per account or alias. sled stays the
+/// truth: loaded at open, changed only after sled accepted the change.
+#[derive(Default)]
+struct AddressIndex {
+    names: RwLock<Names>,
+    /// Serialises changes, so the memory copy sees them in sled's order.
+    change: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Names {
+    accounts: HashSet<String>,
+    /// alias -> target account
+    aliases: HashMap<String, String>,
+}
+
+impl Names {
+    fn resolve_exact(&self, addr: &str) -> Option<String> {
+        if self.accounts.contains(addr) {
+            return Some(addr.to_string());
+        }
+        self.aliases.get(addr).cloned()
+    }
+}
+
+impl AddressIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Names> {
+        // A panic while holding the lock cannot leave `Names` half-changed (single inserts
+        // and removes), so a poisoned lock is still consistent.
+        self.names.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Names> {
+        self.names.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.change.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Store {
@@ -171,15 +218,34 @@ impl Store {
     /// Opens the store's trees in a database shared with the queue: one log, one flush for
     /// both, so a delivery's store write and the next enqueues share an fsync.
     pub fn with_db(db: sled::Db, commit: GroupCommit) -> Result<Store> {
+        let accounts = db.open_tree("store.accounts")?;
+        let aliases = db.open_tree("store.aliases")?;
+        let mut names = Names::default();
+        for k in accounts.iter().keys() {
+            names
+                .accounts
+                .insert(String::from_utf8_lossy(&k?).into_owned());
+        }
+        for kv in aliases.iter() {
+            let (k, v) = kv?;
+            names.aliases.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
         Ok(Store {
-            accounts: db.open_tree("store.accounts")?,
-            aliases: db.open_tree("store.aliases")?,
+            accounts,
+            aliases,
             mailboxes: db.open_tree("store.mailboxes")?,
             messages: db.open_tree("store.messages")?,
             bodies: db.open_tree("store.bodies")?,
             dedupe: db.open_tree("store.dedupe")?,
             db,
             commit,
+            addresses: Arc::new(AddressIndex {
+                names: RwLock::new(names),
+                change: Mutex::new(()),
+            }),
         })
     }
 
@@ -217,6 +283,7 @@ impl Store {
             uidnext: 1,
             highest_modseq: 1,
         };
+        let _change = self.addresses.changing();
         unwrap_tx(
             (&self.accounts, &self.aliases, &self.mailboxes).transaction(|(acc, ali, mb)| {
                 if acc.get(addr.as_bytes())?.is_some() {
@@ -234,6 +301,7 @@ impl Store {
                 Ok(())
             }),
         )?;
+        self.addresses.write().accounts.insert(addr.clone());
         self.sync()?;
         Ok(account)
     }
@@ -297,9 +365,11 @@ impl Store {
     /// Removes an account with all its mailboxes, messages and aliases pointing at it.
     pub fn del_user(&self, address: &str) -> Result<()> {
         let addr = normalize(address)?;
+        let _change = self.addresses.changing();
         if self.accounts.remove(addr.as_bytes())?.is_none() {
             return Err(StoreError::NoAccount(addr));
         }
+        self.addresses.write().accounts.remove(&addr);
         let prefix = format!("{addr}\0").into_bytes();
         for kv in self.messages.scan_prefix(&prefix) {
             let (k, v) = kv?;
@@ -313,7 +383,11 @@ impl Store {
         for kv in self.aliases.iter() {
             let (k, v) = kv?;
             if v.as_ref() == addr.as_bytes() {
-                self.aliases.remove(k)?;
+                self.aliases.remove(&k)?;
+                self.addresses
+                    .write()
+                    .aliases
+                    .remove(String::from_utf8_lossy(&k).as_ref());
             }
         }
         self.sync()
@@ -331,6 +405,7 @@ impl Store {
     pub fn add_alias(&self, alias: &str, target: &str) -> Result<()> {
         let alias = normalize(alias)?;
         let target = normalize(target)?;
+        let _change = self.addresses.changing();
         if !self.accounts.contains_key(target.as_bytes())? {
             return Err(StoreError::NoAccount(target));
         }
@@ -338,14 +413,17 @@ impl Store {
             return Err(StoreError::AddressTaken(alias));
         }
         self.aliases.insert(alias.as_bytes(), target.as_bytes())?;
+        self.addresses.write().aliases.insert(alias, target);
         self.sync()
     }
 
     pub fn del_alias(&self, alias: &str) -> Result<()> {
         let alias = normalize(alias)?;
+        let _change = self.addresses.changing();
         if self.aliases.remove(alias.as_bytes())?.is_none() {
             return Err(StoreError::NoAlias(alias));
         }
+        self.addresses.write().aliases.remove(&alias);
         self.sync()
     }
 
@@ -368,26 +446,18 @@ impl Store {
         let Ok(addr) = normalize(address) else {
             return Ok(None);
         };
-        if let Some(a) = self.resolve_exact(&addr)? {
+        // From memory (see [`AddressIndex`]): never waits for sled.
+        let names = self.addresses.read();
+        if let Some(a) = names.resolve_exact(&addr) {
             return Ok(Some(a));
         }
         if let Some((local, domain)) = addr.rsplit_once('@')
             && let Some((base, _tag)) = local.split_once('+')
             && !base.is_empty()
         {
-            return self.resolve_exact(&format!("{base}@{domain}"));
+            return Ok(names.resolve_exact(&format!("{base}@{domain}")));
         }
         Ok(None)
-    }
-
-    fn resolve_exact(&self, addr: &str) -> Result<Option<String>> {
-        if self.accounts.contains_key(addr.as_bytes())? {
-            return Ok(Some(addr.to_string()));
-        }
-        Ok(self
-            .aliases
-            .get(addr.as_bytes())?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     pub fn mailbox(&self, account: &str, mailbox: &str) -> Result<Mailbox> {
@@ -605,6 +675,42 @@ mod tests {
         s.del_user("alice@example.org").unwrap();
         assert_eq!(s.resolve("info@example.org").unwrap(), None);
         assert!(s.list_aliases().unwrap().is_empty());
+    }
+
+    /// `resolve` answers from memory: every clone sees a change at once, and a reopened store
+    /// rebuilds the same answers from sled.
+    #[test]
+    fn resolution_follows_changes_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let other = s.clone();
+            s.add_user("bob@example.org", None).unwrap();
+            s.add_user("carol@example.org", None).unwrap();
+            s.add_alias("sales@example.org", "bob@example.org").unwrap();
+            s.add_alias("help@example.org", "carol@example.org")
+                .unwrap();
+            assert_eq!(
+                other.resolve("Sales@example.org").unwrap().as_deref(),
+                Some("bob@example.org")
+            );
+            s.del_alias("help@example.org").unwrap();
+            assert_eq!(other.resolve("help@example.org").unwrap(), None);
+            s.del_user("carol@example.org").unwrap();
+            assert_eq!(other.resolve("carol+x@example.org").unwrap(), None);
+            s.commit.stop();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.resolve("bob+tag@example.org").unwrap().as_deref(),
+            Some("bob@example.org")
+        );
+        assert_eq!(
+            s.resolve("sales@example.org").unwrap().as_deref(),
+            Some("bob@example.org")
+        );
+        assert_eq!(s.resolve("carol@example.org").unwrap(), None);
+        assert_eq!(s.resolve("help@example.org").unwrap(), None);
     }
 
     #[test]
