@@ -53,6 +53,8 @@ const HEADER: usize = 28;
 const GROW_STEP: u64 = 1 << 20;
 /// Alignment of direct writes: a multiple of every device's logical block size.
 const BLOCK: usize = 4096;
+/// Round buffers larger than this are let go after use.
+const KEEP: usize = 8 << 20;
 /// Beyond this a round checkpoints instead (sled flush); a lap rarely gets near it because
 /// a checkpoint happens at least once a second.
 pub const MAX_LEN: u64 = 64 << 20;
@@ -216,6 +218,9 @@ impl Journal {
         }
         self.pos += need;
         self.needs_checkpoint = false;
+        if self.buf.capacity() > KEEP {
+            self.buf = Vec::new();
+        }
         Ok(true)
     }
 
@@ -233,7 +238,9 @@ impl Journal {
         let start = self.pos - self.tail.len() as u64;
         let used = self.tail.len() + self.buf.len();
         let padded = used.div_ceil(BLOCK) * BLOCK;
-        if self.aligned.len() < padded + BLOCK {
+        // Grown for the largest round so far; a round of big messages does not keep its
+        // buffer for good.
+        if self.aligned.len() < padded + BLOCK || self.aligned.len() > KEEP.max(4 * padded) {
             self.aligned = vec![0u8; (padded + BLOCK).next_power_of_two()];
         }
         let off = self.aligned.as_ptr().align_offset(BLOCK);
