@@ -49,6 +49,8 @@ done 2>&1
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 mf=$(median "${PF[@]}"); mp=$(median "${PR[@]}")
 awk -v f="$mf" -v p="$mp" -v r="$R" 'BEGIN { printf "median of %d rounds: Postfix %d msg/s, postrider %d msg/s, ratio %.1fx\n", r, f, p, p/f }'
+ratios=(); for i in "${!PF[@]}"; do ratios+=("$(awk -v f="${PF[$i]}" -v p="${PR[$i]}" 'BEGIN { printf "%.1f", p/f }')"); done
+echo "ratio per round: ${ratios[*]} (median $(median "${ratios[@]}")x)"
 
 cargo bench -q --bench load --no-run 2>/dev/null
 echo
