@@ -262,6 +262,23 @@ impl GroupCommit {
         }
     }
 
+    /// [`GroupCommit::journal_commit`], blocking the calling thread until the inserts are
+    /// durable and handed off.
+    pub fn journal_commit_blocking(&self, inserts: Inserts) -> Durable {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.journal_commit(
+            inserts,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or_else(|_| {
+            Err(Arc::new(std::io::Error::other(
+                "flusher thread has stopped",
+            )))
+        })
+    }
+
     /// Registers `hook` to run before every checkpoint's sled flush, on the flusher thread:
     /// it writes into sled whatever its owner holds in memory on behalf of journal records
     /// (see [`Inserts::on_journaled`]). A failing hook fails the checkpoint. Registered

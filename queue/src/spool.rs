@@ -549,15 +549,7 @@ impl Queue {
         for id in ids {
             ins.insert(&self.inner.inflight, &id.0.to_be_bytes(), &[]);
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.inner.commit.journal_commit(
-            ins,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.recv()
-            .unwrap_or_else(|_| Err(Arc::new(std::io::Error::other("flusher stopped"))))?;
+        self.inner.commit.journal_commit_blocking(ins)?;
         Ok(())
     }
 
@@ -996,6 +988,18 @@ mod tests {
     use super::*;
     use crate::Recipient;
 
+    /// Copies the files of `from` whose names start with one of `names` into `to`: a crash
+    /// image taken piece by piece (sled's files as they were, the journal as it is now).
+    fn copy_files(from: &Path, to: &Path, names: &[&str]) {
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().to_string();
+            if e.file_type().unwrap().is_file() && names.iter().any(|n| name.starts_with(n)) {
+                std::fs::copy(e.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+
     fn env(rcpts: &[&str]) -> Envelope {
         Envelope::new(
             "a@example.org",
@@ -1169,15 +1173,7 @@ mod tests {
     fn an_in_flight_marker_survives_a_crash_without_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let copy = tempfile::tempdir().unwrap();
-        let copy_files = |names: &[&str]| {
-            for e in std::fs::read_dir(dir.path()).unwrap() {
-                let e = e.unwrap();
-                let name = e.file_name().to_string_lossy().to_string();
-                if e.file_type().unwrap().is_file() && names.iter().any(|n| name.starts_with(n)) {
-                    std::fs::copy(e.path(), copy.path().join(&name)).unwrap();
-                }
-            }
-        };
+        let copy_files = |names: &[&str]| copy_files(dir.path(), copy.path(), names);
         let now = now_ms();
         {
             let q = Queue::open(dir.path()).unwrap();
@@ -1225,15 +1221,7 @@ mod tests {
     fn acknowledged_enqueues_survive_without_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let copy = tempfile::tempdir().unwrap();
-        let copy_files = |names: &[&str]| {
-            for e in std::fs::read_dir(dir.path()).unwrap() {
-                let e = e.unwrap();
-                let name = e.file_name().to_string_lossy().to_string();
-                if e.file_type().unwrap().is_file() && names.iter().any(|n| name.starts_with(n)) {
-                    std::fs::copy(e.path(), copy.path().join(&name)).unwrap();
-                }
-            }
-        };
+        let copy_files = |names: &[&str]| copy_files(dir.path(), copy.path(), names);
         let body = vec![b'x'; 150_000]; // several chunks
         let mut ids = Vec::new();
         {

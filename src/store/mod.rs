@@ -165,7 +165,6 @@ pub struct Store {
 /// lock for a whole transaction, measured up to 7 ms for a delivery batch) while every other
 /// session on that worker waits too. Costs about 100 bytes per account or alias. sled stays the
 /// truth: loaded at open, changed only after sled accepted the change.
-#[derive(Default)]
 struct AddressIndex {
     names: RwLock<Names>,
     /// Serialises changes, so the memory copy sees them in sled's order.
